@@ -1,0 +1,151 @@
+"""`Bus`: one NATS connection with JetStream, the named streams and buckets provisioned
+idempotently, typed buckets, and the event publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
+
+from corral.bus.names import Names
+from corral.bus.settings import Settings
+from corral.bus.store import Bucket
+from corral.schemas.state import (
+    Assignment,
+    CommandSeen,
+    NodeStatus,
+    ReplicaStatus,
+    ServiceRecord,
+    ServiceStatus,
+)
+
+log = logging.getLogger(__name__)
+DAY = 24 * 3600.0
+
+
+@dataclass
+class Buckets:
+    services: Bucket[ServiceRecord]
+    service_status: Bucket[ServiceStatus]
+    assignments: Bucket[Assignment]
+    replicas: Bucket[ReplicaStatus]
+    nodes: Bucket[NodeStatus]
+    commands: Bucket[CommandSeen]
+    leases: KeyValue
+
+
+class Bus:
+    """Connect with `await Bus.connect(settings)`; close with `await bus.close()`."""
+
+    def __init__(self, nc: Client, settings: Settings) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.settings = settings
+        self.names = Names(settings.prefix)
+        self._buckets: Buckets | None = None
+        self._owns_connection = True
+
+    @classmethod
+    async def connect(cls, settings: Settings, *, name: str = "corral") -> Bus:
+        url = settings.resolved_url()
+        nc = await nats.connect(
+            url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5, error_cb=_log_error,
+        )
+        bus = cls(nc, settings)
+        await bus.provision()
+        return bus
+
+    @classmethod
+    async def attach(cls, nc: Client, settings: Settings) -> Bus:
+        """Use a connection someone else owns (a FastStream broker's)."""
+        bus = cls(nc, settings)
+        bus._owns_connection = False
+        await bus.provision()
+        return bus
+
+    @property
+    def buckets(self) -> Buckets:
+        if self._buckets is None:
+            raise RuntimeError("Bus.provision() has not run")
+        return self._buckets
+
+    async def close(self) -> None:
+        if self._owns_connection and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def provision(self) -> None:
+        """Ensure every stream and bucket exists. Safe to run from every worker at once."""
+        n = self.names
+        window = self.settings.duplicate_window
+        await self._stream(StreamConfig(
+            name=n.cmd_stream, subjects=[n.all_cmd], retention=RetentionPolicy.LIMITS,
+            duplicate_window=window, max_age=7 * DAY, storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD, max_msgs=1_000_000,
+        ))
+        await self._stream(StreamConfig(
+            name=n.evt_stream, subjects=[n.all_evt], retention=RetentionPolicy.LIMITS,
+            duplicate_window=window, max_age=7 * DAY, storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD, max_msgs=5_000_000,
+        ))
+        await self._stream(StreamConfig(
+            name=n.dlq_stream, subjects=[f"{n.prefix}.dlq.>"], retention=RetentionPolicy.LIMITS,
+            max_age=30 * DAY, storage=StorageType.FILE, discard=DiscardPolicy.OLD,
+        ))
+        kvs = await asyncio.gather(
+            self._bucket(n.services, history=8),
+            self._bucket(n.service_status),
+            self._bucket(n.assignments),
+            self._bucket(n.replicas),
+            self._bucket(n.nodes, ttl=3600.0),
+            self._bucket(n.commands_seen, ttl=DAY),
+            self._bucket(n.leases),
+        )
+        self._buckets = Buckets(
+            services=Bucket(kvs[0], ServiceRecord),
+            service_status=Bucket(kvs[1], ServiceStatus),
+            assignments=Bucket(kvs[2], Assignment),
+            replicas=Bucket(kvs[3], ReplicaStatus),
+            nodes=Bucket(kvs[4], NodeStatus),
+            commands=Bucket(kvs[5], CommandSeen),
+            leases=kvs[6],
+        )
+
+    async def _stream(self, config: StreamConfig) -> None:
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError:
+            # exists with another config (an older Corral, or an operator's tuning): keep it
+            assert config.name is not None
+            await self.js.stream_info(config.name)
+
+    async def _bucket(self, name: str, *, history: int = 1, ttl: float | None = None) -> KeyValue:
+        try:
+            return await self.js.create_key_value(
+                KeyValueConfig(bucket=name, history=history, ttl=ttl, storage=StorageType.FILE)
+            )
+        except BadRequestError:
+            return await self.js.key_value(name)
+
+    async def publish_raw(
+        self, subject: str, payload: bytes, headers: dict[str, str], *, stream: str | None = None
+    ) -> Any:
+        return await self.js.publish(subject, payload, headers=headers, stream=stream)
+
+
+async def _log_error(exc: Exception) -> None:
+    log.warning("nats: %s", exc)

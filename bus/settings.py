@@ -1,0 +1,55 @@
+"""One settings object, read from `CORRAL_*` environment variables and flags, handed down."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+
+def default_node_id() -> str:
+    host = socket.gethostname().split(".")[0].lower()
+    host = re.sub(r"[^a-z0-9-]", "-", host).strip("-")
+    return host or "local"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
+
+    nats_url: str | None = Field(
+        default=None, description="an existing NATS; when unset, `corral up` starts one"
+    )
+    prefix: str = Field(default="corral", pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    data_dir: Path = Path(".corral")
+    nats_server_bin: Path | None = None
+    nats_port: int = Field(default=4222, ge=0, le=65535)
+    node_id: str = Field(default_factory=default_node_id)
+    command_timeout: float = Field(default=30.0, gt=0)
+    heartbeat_interval: float = Field(default=1.0, gt=0)
+    node_grace: float = Field(default=3.0, gt=0)
+    resync_interval: float = Field(default=10.0, gt=0)
+    duplicate_window: float = Field(default=120.0, gt=0)
+    source: str = "corral"
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        if not re.match(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$", value):
+            raise ValueError("node id must be lowercase letters, digits, '-' or '_'")
+        return value
+
+    def resolved_url(self) -> str:
+        """CORRAL_NATS_URL, else the URL a running `corral up` wrote, else the default."""
+        if self.nats_url:
+            return self.nats_url
+        url_file = self.data_dir / "nats.url"
+        if url_file.exists():
+            text = url_file.read_text().strip()
+            if text:
+                return text
+        return DEFAULT_URL

@@ -1,0 +1,1 @@
+"""The `corral` command line: kubectl- and nomad-style verbs over the bus."""

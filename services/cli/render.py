@@ -1,0 +1,102 @@
+"""Turning views and events into tables, lines, JSON and YAML."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from corral.schemas.envelope import CloudEvent
+from corral.schemas.quantities import format_bytes
+
+
+def dump(data: Any, output: str, console: Console) -> None:
+    if output == "json":
+        console.print_json(json.dumps(data, default=str)) if console.is_terminal else print(
+            json.dumps(data, default=str)
+        )
+    elif output == "yaml":
+        print(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False), end="")
+
+
+def _resources(values: dict[str, float]) -> str:
+    parts = []
+    for key, value in sorted(values.items()):
+        if key == "memory":
+            parts.append(f"memory={format_bytes(value)}")
+        else:
+            parts.append(f"{key}={value:g}")
+    return " ".join(parts) or "-"
+
+
+def services_table(services: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("SERVICE", "GEN", "STATE", "READY", "REPLICA", "NODE", "R-STATE", "PORTS", "NOTE"):
+        table.add_column(column)
+    for service in services:
+        ready = f"{service['running']}/{service['desired']}"
+        note = ""
+        if service["pending"]:
+            note = f"{service['pending']} pending: {service['reason']}"
+        rows = service["replicas"] or [None]
+        for index, replica in enumerate(rows):
+            head = (
+                [service["name"], str(service["generation"]), service["state"], ready]
+                if index == 0 else ["", "", "", ""]
+            )
+            if replica is None:
+                table.add_row(*head, "-", "-", "-", "-", note)
+                continue
+            ports = " ".join(f"{k}={v}" for k, v in replica["ports"].items())
+            message = replica["message"] if replica["state"] != "running" else ""
+            table.add_row(
+                *head, replica["id"], replica["node"] or "-", replica["state"], ports or "-",
+                note if index == 0 else message,
+            )
+            if index == 0 and message and note:
+                table.add_row("", "", "", "", "", "", "", "", message)
+    return table
+
+
+def nodes_table(nodes: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("NODE", "STATE", "DRIVERS", "REPLICAS", "CAPACITY", "ALLOCATED", "LABELS"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(
+            node["id"], node["state"], ",".join(node["drivers"]), str(node["replicas"]),
+            _resources(node["capacity"]), _resources(node["allocated"]),
+            " ".join(f"{k}={v}" for k, v in node["labels"].items()) or "-",
+        )
+    return table
+
+
+def event_line(event: CloudEvent) -> str:
+    data = event.data if isinstance(event.data, dict) else {}
+    stamp = event.time.strftime("%H:%M:%S.%f")[:-3] if event.time else "--:--:--"
+    kind = event.type.removeprefix("io.corral.")
+    detail = ""
+    if "replica" in data:
+        detail = f"{data['replica']} on {data.get('node')}"
+        if data.get("pid"):
+            detail += f" pid {data['pid']}"
+        if data.get("ports"):
+            detail += " " + " ".join(f"{k}={v}" for k, v in data["ports"].items())
+        if data.get("message"):
+            detail += f" ({data['message']})"
+    elif "reason" in data and kind.endswith("rejected"):
+        detail = f"{data.get('code')}: {data['reason']}"
+    elif "generation" in data and "command" in data:
+        detail = f"{data['command']} -> generation {data['generation']}"
+        if not data.get("changed", True):
+            detail += " (no change)"
+    elif "desired" in data:
+        detail = f"generation {data.get('generation')}: {data.get('assigned')}/{data['desired']}"
+        if data.get("pending"):
+            detail += f", {data['pending']} pending: {data.get('reason')}"
+    elif data:
+        detail = json.dumps(data, default=str)[:200]
+    return f"{stamp}  {kind:<28} {event.subject or '-':<16} {detail}"

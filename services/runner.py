@@ -1,0 +1,166 @@
+"""Hosting workers: one FastStream app per process, holding one or many workers, with the
+embedded nats-server when no NATS is configured."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import psutil
+from faststream import FastStream
+from faststream.nats import NatsBroker
+from nats.errors import Error as NatsError
+
+from corral.bus.connection import Bus
+from corral.bus.embedded import EmbeddedNats, EmbeddedNatsError
+from corral.bus.settings import Settings
+from corral.schemas.spec import Resources
+from corral.workers.agent.drivers.base import Driver
+from corral.workers.agent.drivers.fake import FakeDriver
+from corral.workers.agent.drivers.process import ProcessDriver
+from corral.workers.agent.worker import AgentWorker
+from corral.workers.api.worker import ApiWorker
+from corral.workers.deployer.worker import DeployerWorker
+from corral.workers.runtime import Context, Worker
+from corral.workers.scheduler.worker import SchedulerWorker
+
+log = logging.getLogger(__name__)
+WORKERS = ("api", "deployer", "scheduler")
+
+
+def local_capacity() -> Resources:
+    return Resources(cpu=float(os.cpu_count() or 1), memory=int(psutil.virtual_memory().total))
+
+
+def make_agent(
+    ctx: Context,
+    *,
+    node_id: str,
+    driver: str = "process",
+    capacity: Resources | None = None,
+    labels: dict[str, str] | None = None,
+) -> AgentWorker:
+    holder: list[AgentWorker] = []
+
+    async def on_exit(replica: str, code: int) -> None:
+        await holder[0].on_exit(replica, code)
+
+    runtime: Driver
+    if driver == "process":
+        runtime = ProcessDriver(ctx.settings.data_dir / "logs" / node_id, on_exit)
+    elif driver == "fake":
+        runtime = FakeDriver(on_exit)
+    else:
+        raise ValueError(f"unknown driver {driver!r}; use process or fake")
+    agent = AgentWorker(
+        ctx, runtime, node_id=node_id, capacity=capacity or local_capacity(), labels=labels
+    )
+    holder.append(agent)
+    return agent
+
+
+def make_worker(name: str, ctx: Context) -> Worker:
+    if name == "api":
+        return ApiWorker(ctx)
+    if name == "deployer":
+        return DeployerWorker(ctx)
+    if name == "scheduler":
+        return SchedulerWorker(ctx)
+    raise ValueError(f"unknown worker {name!r}; choose from {', '.join(WORKERS)}")
+
+
+async def serve(
+    settings: Settings,
+    build: Callable[[Context], list[Worker]],
+    *,
+    embedded: bool = False,
+    on_ready: Callable[[str], Awaitable[None] | None] | None = None,
+) -> None:
+    """Run workers until SIGINT or SIGTERM, then stop them all, then NATS if we started it."""
+    nats_server: EmbeddedNats | None = None
+    lock: int | None = None
+    if embedded and not settings.nats_url:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_data_dir(settings.data_dir)
+        nats_server = EmbeddedNats(
+            settings.data_dir / "jetstream",
+            port=settings.nats_port,
+            binary=settings.nats_server_bin,
+            log_file=settings.data_dir / "nats-server.log",
+        )
+        url = await asyncio.to_thread(nats_server.start)
+        settings = settings.model_copy(update={"nats_url": url})
+        (settings.data_dir / "nats.url").write_text(url + "\n")
+    url = settings.resolved_url()
+    bus: Bus | None = None
+    workers: list[Worker] = []
+    try:
+        bus = await Bus.connect(settings, name="corral-workers")
+        ctx = Context(settings=settings, bus=bus)
+        workers = build(ctx)
+        broker = NatsBroker(
+            url, logger=logging.getLogger("corral.broker"), log_level=logging.DEBUG,
+            max_reconnect_attempts=-1,
+        )
+        for worker in workers:
+            worker.register(broker)
+        started: list[Worker] = []
+
+        async def start_workers() -> None:
+            for worker in workers:
+                await worker.start()
+                started.append(worker)
+            if on_ready is not None:
+                result = on_ready(url)
+                if result is not None:
+                    await result
+
+        async def stop_workers() -> None:
+            for worker in reversed(started):
+                try:
+                    await worker.stop()
+                except Exception:
+                    log.exception("stopping %s failed", worker.name)
+
+        app = FastStream(
+            broker, logger=None, after_startup=[start_workers], on_shutdown=[stop_workers]
+        )
+        try:
+            await app.run()
+        except NatsError as exc:
+            log.warning("connection trouble while stopping: %s", exc)
+    finally:
+        if bus is not None:
+            with contextlib.suppress(Exception):
+                await bus.close()
+        if nats_server is not None:
+            url_file = settings.data_dir / "nats.url"
+            with contextlib.suppress(FileNotFoundError):
+                if url_file.read_text().strip() == nats_server.url:
+                    url_file.unlink()
+            await asyncio.to_thread(nats_server.stop)
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """One `corral up` per data directory: two would share a JetStream store."""
+    path = data_dir / "lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise EmbeddedNatsError(
+            f"another `corral up` (pid {holder or '?'}) is using {data_dir}; stop it first "
+            "or pass another --data-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd

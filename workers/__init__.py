@@ -1,0 +1,3 @@
+"""Stateless workers, one subpackage each. Each reacts to events and KV changes on the bus;
+its deciding is pure (`planning.py`, `placement.py`, ...) and its acting is a thin handler.
+No worker imports another: they talk over the bus."""

@@ -1,0 +1,138 @@
+"""Local subprocesses, like Nomad's raw_exec. Each replica gets its own process group, its own
+free TCP ports, and a log file; it dies with the agent (PDEATHSIG) so no orphan outlives it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from corral.schemas.spec import expand, port_environment
+from corral.workers.agent.drivers.base import DriverError, ExitCallback, Launch, Started
+
+REPLICA_ENV = "CORRAL_REPLICA_ID"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _child_setup() -> None:
+    # Linux only: SIGKILL this child when the agent dies, even by kill -9
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)
+
+
+@dataclass
+class _Proc:
+    process: asyncio.subprocess.Process
+    waiter: asyncio.Task[None] | None = None
+    stopping: bool = False
+
+
+class ProcessDriver:
+    name = "process"
+
+    def __init__(self, log_dir: Path, on_exit: ExitCallback) -> None:
+        self.log_dir = log_dir
+        self.on_exit = on_exit
+        self._procs: dict[str, _Proc] = {}
+
+    async def start(self, launch: Launch) -> Started:
+        template = launch.template
+        ports = {name: _free_port() for name in template.ports}
+        variables = port_environment(template.ports, list(ports.values()))
+        variables.update({
+            REPLICA_ENV: launch.replica, "CORRAL_SERVICE": launch.service,
+            "CORRAL_NODE": launch.node,
+        })
+        argv = [expand(arg, variables) for arg in template.command]
+        env = dict(os.environ)
+        env.update({key: expand(value, variables) for key, value in template.env.items()})
+        env.update(variables)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{launch.replica}.log"
+        with open(log_path, "ab") as log:
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
+                    stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                    preexec_fn=_child_setup,
+                )
+            except FileNotFoundError as exc:
+                raise DriverError(f"command not found: {argv[0]}") from exc
+            except PermissionError as exc:
+                raise DriverError(f"command not executable: {argv[0]}") from exc
+            except OSError as exc:
+                raise DriverError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
+        proc = _Proc(process)
+        proc.waiter = asyncio.create_task(self._wait(launch.replica, proc), name=launch.replica)
+        self._procs[launch.replica] = proc
+        return Started(pid=process.pid, ports=ports)
+
+    async def _wait(self, replica: str, proc: _Proc) -> None:
+        code = await proc.process.wait()
+        if self._procs.get(replica) is proc:
+            del self._procs[replica]
+        if not proc.stopping:
+            await self.on_exit(replica, code)
+
+    async def stop(self, replica: str, grace: float) -> int | None:
+        proc = self._procs.get(replica)
+        if proc is None:
+            return None
+        proc.stopping = True
+        pid = proc.process.pid
+        _signal_group(pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.process.wait(), timeout=grace)
+        except TimeoutError:
+            _signal_group(pid, signal.SIGKILL)
+            await proc.process.wait()
+        _signal_group(pid, signal.SIGKILL)  # anything the replica forked and left behind
+        if proc.waiter is not None:
+            await proc.waiter
+        self._procs.pop(replica, None)
+        return proc.process.returncode
+
+    def running(self) -> set[str]:
+        return set(self._procs)
+
+    async def clean_stale(self, pids: dict[str, int]) -> list[str]:
+        cleaned: list[str] = []
+        for replica, pid in pids.items():
+            if replica in self._procs:
+                continue
+            try:
+                process = psutil.Process(pid)
+                if process.environ().get(REPLICA_ENV) != replica:
+                    continue  # the pid was reused by something that is not ours
+            except (psutil.Error, OSError):
+                continue
+            _signal_group(pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.Error):
+                process.wait(timeout=5)
+            cleaned.append(replica)
+        return cleaned
+
+    async def close(self) -> None:
+        for proc in list(self._procs.values()):
+            if proc.waiter is not None:
+                proc.waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await proc.waiter
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
