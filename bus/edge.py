@@ -46,6 +46,7 @@ class CommandEdge:
     async def run(self, msg: Msg, handler: Callable[[Msg], Awaitable[None]]) -> None:
         try:
             await handler(msg)
+            await msg.ack()
         except RejectedError as exc:
             await self.reject(msg, exc.reason_code, exc.reason, exc.errors)
             await msg.ack()

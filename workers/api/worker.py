@@ -43,7 +43,7 @@ class ApiWorker:
             durable=f"{names.prefix}-api",
             pull_sub=PullSub(batch_size=self.batch_size, timeout=0.05, batch=True),
             ack_policy=AckPolicy.MANUAL,
-            config=ConsumerConfig(ack_wait=30, max_deliver=MAX_DELIVER + 1),
+            config=ConsumerConfig(ack_wait=10, max_deliver=MAX_DELIVER + 1),
         )
         async def on_commands(message: NatsMessage) -> None:
             # no body parameter: the edge decodes the raw messages itself, so that a payload
