@@ -67,7 +67,8 @@ def decode(headers: dict[str, str] | None, payload: bytes) -> CloudEvent:
     missing = [f"ce-{name}" for name in _REQUIRED if f"ce-{name}" not in headers]
     if missing:
         raise InvalidInput(
-            "not a CloudEvent: missing header(s) " + ", ".join(missing)
+            "not a CloudEvent: missing header(s) "
+            + ", ".join(missing)
             + f" (or send content-type {STRUCTURED})"
         )
     data: Any = None

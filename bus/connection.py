@@ -63,8 +63,12 @@ class Bus:
     async def connect(cls, settings: Settings, *, name: str = "corral") -> Bus:
         url = settings.resolved_url()
         nc = await nats.connect(
-            url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5, error_cb=_log_error,
+            url,
+            name=name,
+            connect_timeout=5,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=_log_error,
         )
         bus = cls(nc, settings)
         await bus.provision()
@@ -92,20 +96,40 @@ class Bus:
         """Ensure every stream and bucket exists. Safe to run from every worker at once."""
         n = self.names
         window = self.settings.duplicate_window
-        await self._stream(StreamConfig(
-            name=n.cmd_stream, subjects=[n.all_cmd], retention=RetentionPolicy.LIMITS,
-            duplicate_window=window, max_age=7 * DAY, storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD, max_msgs=1_000_000,
-        ))
-        await self._stream(StreamConfig(
-            name=n.evt_stream, subjects=[n.all_evt], retention=RetentionPolicy.LIMITS,
-            duplicate_window=window, max_age=7 * DAY, storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD, max_msgs=5_000_000,
-        ))
-        await self._stream(StreamConfig(
-            name=n.dlq_stream, subjects=[f"{n.prefix}.dlq.>"], retention=RetentionPolicy.LIMITS,
-            max_age=30 * DAY, storage=StorageType.FILE, discard=DiscardPolicy.OLD,
-        ))
+        await self._stream(
+            StreamConfig(
+                name=n.cmd_stream,
+                subjects=[n.all_cmd],
+                retention=RetentionPolicy.LIMITS,
+                duplicate_window=window,
+                max_age=7 * DAY,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+                max_msgs=1_000_000,
+            )
+        )
+        await self._stream(
+            StreamConfig(
+                name=n.evt_stream,
+                subjects=[n.all_evt],
+                retention=RetentionPolicy.LIMITS,
+                duplicate_window=window,
+                max_age=7 * DAY,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+                max_msgs=5_000_000,
+            )
+        )
+        await self._stream(
+            StreamConfig(
+                name=n.dlq_stream,
+                subjects=[f"{n.prefix}.dlq.>"],
+                retention=RetentionPolicy.LIMITS,
+                max_age=30 * DAY,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+            )
+        )
         kvs = await asyncio.gather(
             self._bucket(n.services, history=8),
             self._bucket(n.service_status),

@@ -57,7 +57,9 @@ class CommandEdge:
             attempt = deliveries(msg)
             if attempt >= self.max_deliver:
                 log.exception("giving up on %s after %d attempts", msg.subject, attempt)
-                await self.reject(msg, "error", f"internal error after {attempt} attempts: {exc}", [])
+                await self.reject(
+                    msg, "error", f"internal error after {attempt} attempts: {exc}", []
+                )
                 await msg.ack()
             else:
                 log.exception("error on %s (attempt %d), will retry", msg.subject, attempt)
@@ -79,21 +81,23 @@ class CommandEdge:
             reason=reason,
             errors=[ErrorDetail(loc=e.loc, msg=e.msg) for e in errors],
         )
-        await self.emitter.emit(
-            resource, name, "rejected", data, correlation=command_id or None
-        )
+        await self.emitter.emit(resource, name, "rejected", data, correlation=command_id or None)
         dead = dict(headers)
         dead.pop("Nats-Msg-Id", None)
-        dead.update({
-            "corral-reason": reason.replace("\r", " ").replace("\n", " ")[:1024],
-            "corral-code": code,
-            "corral-attempts": str(deliveries(msg)),
-            "corral-original-subject": msg.subject,
-        })
+        dead.update(
+            {
+                "corral-reason": reason.replace("\r", " ").replace("\n", " ")[:1024],
+                "corral-code": code,
+                "corral-attempts": str(deliveries(msg)),
+                "corral-original-subject": msg.subject,
+            }
+        )
         if command_id:
             dead.setdefault(CORRELATION, command_id)
         await self.bus.js.publish(
-            self.bus.names.dlq(msg.subject), msg.data, headers=dead,
+            self.bus.names.dlq(msg.subject),
+            msg.data,
+            headers=dead,
             stream=self.bus.names.dlq_stream,
         )
         log.info("rejected %s: %s", msg.subject, reason)

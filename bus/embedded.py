@@ -83,19 +83,31 @@ class EmbeddedNats:
         else:
             self.port = free_port()
         args = [
-            str(self.binary), "-a", "127.0.0.1", "-p", str(self.port),
-            "-js", "-sd", str(self.store_dir), "--server_name", f"corral-{self.port}",
+            str(self.binary),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+            "--server_name",
+            f"corral-{self.port}",
         ]
-        log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        log = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                args,
+                stdout=log or subprocess.DEVNULL,
+                stderr=log or subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
                 # its own session: a Ctrl-C meant for `corral up` must not kill NATS before
                 # the workers have stopped; it dies with us anyway (PDEATHSIG)
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
-            if log is not subprocess.DEVNULL:
+            if log is not None:
                 log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

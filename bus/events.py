@@ -54,7 +54,9 @@ class Emitter:
             resource, name, what, data, correlation=correlation, event_id=event_id
         )
         headers, payload = encode(event)
-        await self.bus.js.publish(subject, payload, headers=headers, stream=self.bus.names.evt_stream)
+        await self.bus.js.publish(
+            subject, payload, headers=headers, stream=self.bus.names.evt_stream
+        )
         return event
 
     async def emit_many(self, events: Iterable[tuple[str, CloudEvent]]) -> None:

@@ -113,7 +113,9 @@ class Mirror(Generic[T]):
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
 
-    def listen(self, listener: Callable[[str, Versioned[T] | None], Awaitable[None] | None]) -> None:
+    def listen(
+        self, listener: Callable[[str, Versioned[T] | None], Awaitable[None] | None]
+    ) -> None:
         self._listeners.append(listener)
 
     def get(self, key: str) -> T | None:
@@ -123,10 +125,10 @@ class Mirror(Generic[T]):
     def values(self) -> list[T]:
         return [item.value for item in self.items.values()]
 
-    async def start(self, timeout: float = 30.0) -> None:
+    async def start(self, sync_within: float = 30.0) -> None:
         self._watcher = await self.bucket.kv.watch(self.prefix)
         self._task = asyncio.create_task(self._run(), name=f"mirror:{self.bucket.name}")
-        await asyncio.wait_for(self.synced.wait(), timeout)
+        await asyncio.wait_for(self.synced.wait(), sync_within)
 
     async def stop(self) -> None:
         if self._watcher is not None:
@@ -157,8 +159,10 @@ class Mirror(Generic[T]):
             item: Versioned[T] | None = None
             if entry.operation in _DELETES or not entry.value:
                 current = self.items.get(key)
-                if current is not None and entry.revision is not None and (
-                    current.revision > entry.revision
+                if (
+                    current is not None
+                    and entry.revision is not None
+                    and (current.revision > entry.revision)
                 ):
                     continue
                 self.items.pop(key, None)

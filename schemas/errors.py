@@ -1,7 +1,7 @@
 """Corral's one error tree. Each class says what happens to the message that caused it.
 
     CorralError
-     ├── RejectedError          permanent: a `…rejected` event and a dead letter; the message is acked
+     ├── RejectedError          permanent: a `…rejected` event, a dead letter, and an ack
      │    ├── InvalidInput      the payload or envelope does not validate
      │    ├── UnknownCommand    no handler for this subject or type
      │    └── NotFound          the command names something that does not exist

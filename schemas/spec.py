@@ -122,7 +122,9 @@ class ServiceSpec(StrictModel):
 
     def runtime_fields(self) -> dict[str, Any]:
         """The part of the spec a replica runs with; a change here means new replicas."""
-        return self.model_dump(include={"command", "env", "ports", "resources", "stop_grace_period"})
+        return self.model_dump(
+            include={"command", "env", "ports", "resources", "stop_grace_period"}
+        )
 
 
 def port_variables(ports: list[str]) -> set[str]:

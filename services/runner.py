@@ -104,7 +104,9 @@ async def serve(
         ctx = Context(settings=settings, bus=bus)
         workers = build(ctx)
         broker = NatsBroker(
-            url, logger=logging.getLogger("corral.broker"), log_level=logging.DEBUG,
+            url,
+            logger=logging.getLogger("corral.broker"),
+            log_level=logging.DEBUG,
             max_reconnect_attempts=-1,
         )
         for worker in workers:

@@ -46,7 +46,13 @@ class Outcome:
 
 
 async def send_command(
-    bus: Bus, resource: str, name: str, verb: str, data: dict[str, Any], *, timeout: float,
+    bus: Bus,
+    resource: str,
+    name: str,
+    verb: str,
+    data: dict[str, Any],
+    *,
+    within: float,
     source: str = "corral/cli",
 ) -> Outcome:
     """Publish a command and wait for the api worker's accepted or rejected event."""
@@ -61,12 +67,12 @@ async def send_command(
         await bus.js.publish(
             names.cmd(resource, name, verb), payload, headers=headers, stream=names.cmd_stream
         )
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise CliError(
-                    f"no answer to {resource} {verb} {name} within {timeout:.0f}s; is the api "
+                    f"no answer to {resource} {verb} {name} within {within:.0f}s; is the api "
                     "worker running (`corral up`)? The command stays queued and will apply "
                     "when it comes back."
                 )
@@ -105,7 +111,9 @@ class ServiceView:
     def running(self) -> int:
         ids = {a.replica for a in self.active}
         return sum(
-            1 for r in self.replicas.values() if r.replica in ids and r.state == ReplicaState.RUNNING
+            1
+            for r in self.replicas.values()
+            if r.replica in ids and r.state == ReplicaState.RUNNING
         )
 
     @property
@@ -126,8 +134,10 @@ class ServiceView:
 
     @property
     def gone(self) -> bool:
-        return (self.record is None or self.record.deleted) and not self.assignments and not (
-            self.replicas
+        return (
+            (self.record is None or self.record.deleted)
+            and not self.assignments
+            and not (self.replicas)
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -140,17 +150,19 @@ class ServiceView:
             state = status.state.value if status else "assigned"
             if assignment is not None and assignment.draining:
                 state = "stopping"
-            replicas.append({
-                "id": replica_id,
-                "node": assignment.node if assignment else (status.node if status else None),
-                "state": state,
-                "generation": assignment.generation if assignment else None,
-                "pid": status.pid if status else None,
-                "ports": status.ports if status else {},
-                "restarts": status.restarts if status else 0,
-                "message": status.message if status else "",
-                "why": assignment.reason if assignment else "",
-            })
+            replicas.append(
+                {
+                    "id": replica_id,
+                    "node": assignment.node if assignment else (status.node if status else None),
+                    "state": state,
+                    "generation": assignment.generation if assignment else None,
+                    "pid": status.pid if status else None,
+                    "ports": status.ports if status else {},
+                    "restarts": status.restarts if status else 0,
+                    "message": status.message if status else "",
+                    "why": assignment.reason if assignment else "",
+                }
+            )
         return {
             "name": self.name,
             "generation": self.record.generation if self.record else 0,
@@ -215,16 +227,18 @@ async def node_views(bus: Bus) -> list[dict[str, Any]]:
             for resource, amount in assignment.template.resources.as_dict().items():
                 allocated[resource] = allocated.get(resource, 0.0) + amount
         age = (now - node.heartbeat_at).total_seconds()
-        out.append({
-            "id": node_id,
-            "state": "ready" if age <= grace else "lost",
-            "labels": node.labels,
-            "capacity": node.capacity.as_dict(),
-            "allocated": {k: v for k, v in allocated.items() if v},
-            "drivers": node.drivers,
-            "replicas": len(mine),
-            "heartbeat_age": round(age, 1),
-        })
+        out.append(
+            {
+                "id": node_id,
+                "state": "ready" if age <= grace else "lost",
+                "labels": node.labels,
+                "capacity": node.capacity.as_dict(),
+                "allocated": {k: v for k, v in allocated.items() if v},
+                "drivers": node.drivers,
+                "replicas": len(mine),
+                "heartbeat_age": round(age, 1),
+            }
+        )
     return out
 
 
@@ -253,7 +267,10 @@ async def read_events(
         await queue.put(msg)
 
     sub = await bus.js.subscribe(
-        bus.names.all_evt, stream=bus.names.evt_stream, cb=on_msg, ordered_consumer=True,
+        bus.names.all_evt,
+        stream=bus.names.evt_stream,
+        cb=on_msg,
+        ordered_consumer=True,
         config=config,
     )
     try:
@@ -284,7 +301,9 @@ async def find_command(bus: Bus, command_id: str) -> CloudEvent | None:
     if info.state.messages == 0:
         return None
     sub = await bus.js.subscribe(
-        bus.names.all_cmd, stream=bus.names.cmd_stream, ordered_consumer=True,
+        bus.names.all_cmd,
+        stream=bus.names.cmd_stream,
+        ordered_consumer=True,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, headers_only=False),
     )
     try:

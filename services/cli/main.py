@@ -29,7 +29,10 @@ from corral.services.cli.specs import describe, load_service_spec
 from corral.services.runner import WORKERS, make_agent, make_worker, serve
 
 app = typer.Typer(
-    name="corral", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="corral",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
     help="Event-driven orchestration on NATS JetStream.",
 )
 schema_app = typer.Typer(no_args_is_help=True, help="JSON Schema of specs, commands and events.")
@@ -93,7 +96,9 @@ async def _with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> 
     try:
         bus = await asyncio.wait_for(Bus.connect(settings, name="corral-cli"), timeout=10)
     except TimeoutError:
-        raise client.CliError(f"timed out connecting to NATS at {settings.resolved_url()}") from None
+        raise client.CliError(
+            f"timed out connecting to NATS at {settings.resolved_url()}"
+        ) from None
     try:
         return await work(bus)
     finally:
@@ -102,7 +107,8 @@ async def _with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> 
 
 def _logging(level: str) -> None:
     logging.basicConfig(
-        level=level.upper(), stream=sys.stderr,
+        level=level.upper(),
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
@@ -147,8 +153,13 @@ def worker(
         raise typer.Exit(2)
     _logging(log_level)
     settings = _settings()
-    _run(serve(settings, lambda ctx: [make_worker(name, ctx)],
-               on_ready=lambda url: err.print(f"worker {name} ready on {url}")))
+    _run(
+        serve(
+            settings,
+            lambda ctx: [make_worker(name, ctx)],
+            on_ready=lambda url: err.print(f"worker {name} ready on {url}"),
+        )
+    )
 
 
 def _parse_pairs(text: str | None, what: str) -> dict[str, str]:
@@ -170,7 +181,9 @@ def agent_cmd(
     capacity: Annotated[
         str | None, typer.Option(help="cpu=4,memory=8Gi[,gpu=1]; default: this machine")
     ] = None,
-    label: Annotated[list[str] | None, typer.Option("--label", help="key=value; repeatable")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="key=value; repeatable")
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run a node agent. `--driver fake` simulates a node that runs nothing."""
@@ -190,12 +203,17 @@ def agent_cmd(
             for line in describe(field_errors_from_pydantic(exc)):
                 err.print(f"[red]invalid --capacity[/red]{line}")
             raise typer.Exit(2) from None
-    _run(serve(
-        settings,
-        lambda ctx: [make_agent(ctx, node_id=settings.node_id, driver=driver,
-                                capacity=resources, labels=labels)],
-        on_ready=lambda url: err.print(f"agent {settings.node_id} ({driver}) ready on {url}"),
-    ))
+    _run(
+        serve(
+            settings,
+            lambda ctx: [
+                make_agent(
+                    ctx, node_id=settings.node_id, driver=driver, capacity=resources, labels=labels
+                )
+            ],
+            on_ready=lambda url: err.print(f"agent {settings.node_id} ({driver}) ready on {url}"),
+        )
+    )
 
 
 # commands ----------------------------------------------------------------------------------
@@ -210,13 +228,18 @@ def _outcome_or_exit(outcome: client.Outcome) -> dict[str, Any]:
 
 
 async def _wait_converged(
-    bus: Bus, name: str, timeout: float, show: bool, *, gone: bool = False
+    bus: Bus, name: str, within: float, show: bool, *, gone: bool = False
 ) -> client.ServiceView | None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     view: client.ServiceView | None = None
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=err, disable=not show, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not show,
+        transient=False,
     ) as progress:
         task = progress.add_task(name, total=None)
         while True:
@@ -224,29 +247,33 @@ async def _wait_converged(
             view = views[0] if views else None
             if gone:
                 remaining = len(view.replicas) + len(view.assignments) if view else 0
-                progress.update(task, description=f"{name}: stopping", total=None,
-                                completed=remaining)
+                progress.update(
+                    task, description=f"{name}: stopping", total=None, completed=remaining
+                )
                 if view is None or view.gone:
                     return None
             elif view is not None:
                 note = view.state
                 if view.status and view.status.pending:
                     note = f"{view.status.pending} pending: {view.status.reason}"
-                progress.update(task, total=view.desired, completed=view.running,
-                                description=f"{name}: {note}")
+                progress.update(
+                    task, total=view.desired, completed=view.running, description=f"{name}: {note}"
+                )
                 if view.converged:
                     return view
             if time.monotonic() >= deadline:
                 why = ""
                 if view is not None and view.status is not None and view.status.reason:
                     why = f" ({view.status.reason})"
-                raise client.CliError(f"{name} did not converge within {timeout:.0f}s{why}")
+                raise client.CliError(f"{name} did not converge within {within:.0f}s{why}")
             await asyncio.sleep(0.2)
 
 
 @app.command()
 def deploy(
-    file: Annotated[str, typer.Option("-f", "--file", help="service spec (YAML/JSON, - for stdin)")],
+    file: Annotated[
+        str, typer.Option("-f", "--file", help="service spec (YAML/JSON, - for stdin)")
+    ],
     wait: Annotated[bool, typer.Option(help="wait until every replica runs")] = True,
     timeout: TimeoutOpt = 120.0,
     output: OutputOpt = Output.table,
@@ -257,18 +284,27 @@ def deploy(
 
     async def work(bus: Bus) -> None:
         outcome = await client.send_command(
-            bus, "service", spec.name, "deploy", spec.model_dump(mode="json"),
-            timeout=settings.command_timeout,
+            bus,
+            "service",
+            spec.name,
+            "deploy",
+            spec.model_dump(mode="json"),
+            within=settings.command_timeout,
         )
         data = _outcome_or_exit(outcome)
         if output == Output.table:
             change = "unchanged" if not data.get("changed", True) else "accepted"
-            err.print(f"{spec.name}: {change}, generation {data.get('generation')}"
-                      f" (command {outcome.event.correlation})")
-        view = await _wait_converged(bus, spec.name, timeout, output == Output.table) if wait else None
+            err.print(
+                f"{spec.name}: {change}, generation {data.get('generation')}"
+                f" (command {outcome.event.correlation})"
+            )
+        view = (
+            await _wait_converged(bus, spec.name, timeout, output == Output.table) if wait else None
+        )
         if output != Output.table:
-            render.dump({"command": data, "service": view.as_dict() if view else None},
-                        output.value, out)
+            render.dump(
+                {"command": data, "service": view.as_dict() if view else None}, output.value, out
+            )
         elif view is not None:
             out.print(f"{spec.name}: {view.running}/{view.desired} replicas running")
 
@@ -291,7 +327,7 @@ def scale(
 
     async def work(bus: Bus) -> None:
         outcome = await client.send_command(
-            bus, "service", name, "scale", {"replicas": replicas}, timeout=settings.command_timeout
+            bus, "service", name, "scale", {"replicas": replicas}, within=settings.command_timeout
         )
         data = _outcome_or_exit(outcome)
         err.print(f"{name}: scale to {replicas} accepted, generation {data.get('generation')}")
@@ -314,7 +350,7 @@ def delete(
 
     async def work(bus: Bus) -> None:
         outcome = await client.send_command(
-            bus, "service", name, "delete", {}, timeout=settings.command_timeout
+            bus, "service", name, "delete", {}, within=settings.command_timeout
         )
         _outcome_or_exit(outcome)
         err.print(f"{name}: delete accepted")
@@ -327,7 +363,9 @@ def delete(
 
 # reading -----------------------------------------------------------------------------------
 @app.command()
-def status(name: Annotated[str | None, typer.Argument()] = None, output: OutputOpt = Output.table) -> None:
+def status(
+    name: Annotated[str | None, typer.Argument()] = None, output: OutputOpt = Output.table
+) -> None:
     """Show services, their replicas and where they run."""
     settings = _settings()
 
@@ -360,9 +398,15 @@ def nodes(output: OutputOpt = Output.table) -> None:
 
 @app.command()
 def events(
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
-    trace: Annotated[str | None, typer.Option("--trace", help="every event a command caused")] = None,
-    type_glob: Annotated[str | None, typer.Option("--type", help="filter, e.g. '*.rejected'")] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing new events")
+    ] = False,
+    trace: Annotated[
+        str | None, typer.Option("--trace", help="every event a command caused")
+    ] = None,
+    type_glob: Annotated[
+        str | None, typer.Option("--type", help="filter, e.g. '*.rejected'")
+    ] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="past events to show")] = 20,
     output: OutputOpt = Output.table,
 ) -> None:
@@ -370,8 +414,10 @@ def events(
     settings = _settings()
 
     def show(event: Any) -> None:
-        if type_glob and not fnmatch.fnmatch(event.type, type_glob) and not fnmatch.fnmatch(
-            event.type.removeprefix("io.corral."), type_glob
+        if (
+            type_glob
+            and not fnmatch.fnmatch(event.type, type_glob)
+            and not fnmatch.fnmatch(event.type.removeprefix("io.corral."), type_glob)
         ):
             return
         if output == Output.table:

@@ -34,7 +34,17 @@ def _resources(values: dict[str, float]) -> str:
 
 def services_table(services: list[dict[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold")
-    for column in ("SERVICE", "GEN", "STATE", "READY", "REPLICA", "NODE", "R-STATE", "PORTS", "NOTE"):
+    for column in (
+        "SERVICE",
+        "GEN",
+        "STATE",
+        "READY",
+        "REPLICA",
+        "NODE",
+        "R-STATE",
+        "PORTS",
+        "NOTE",
+    ):
         table.add_column(column)
     for service in services:
         ready = f"{service['running']}/{service['desired']}"
@@ -45,7 +55,8 @@ def services_table(services: list[dict[str, Any]]) -> Table:
         for index, replica in enumerate(rows):
             head = (
                 [service["name"], str(service["generation"]), service["state"], ready]
-                if index == 0 else ["", "", "", ""]
+                if index == 0
+                else ["", "", "", ""]
             )
             if replica is None:
                 table.add_row(*head, "-", "-", "-", "-", note)
@@ -53,7 +64,11 @@ def services_table(services: list[dict[str, Any]]) -> Table:
             ports = " ".join(f"{k}={v}" for k, v in replica["ports"].items())
             message = replica["message"] if replica["state"] != "running" else ""
             table.add_row(
-                *head, replica["id"], replica["node"] or "-", replica["state"], ports or "-",
+                *head,
+                replica["id"],
+                replica["node"] or "-",
+                replica["state"],
+                ports or "-",
                 note if index == 0 else message,
             )
             if index == 0 and message and note:
@@ -67,8 +82,12 @@ def nodes_table(nodes: list[dict[str, Any]]) -> Table:
         table.add_column(column)
     for node in nodes:
         table.add_row(
-            node["id"], node["state"], ",".join(node["drivers"]), str(node["replicas"]),
-            _resources(node["capacity"]), _resources(node["allocated"]),
+            node["id"],
+            node["state"],
+            ",".join(node["drivers"]),
+            str(node["replicas"]),
+            _resources(node["capacity"]),
+            _resources(node["allocated"]),
             " ".join(f"{k}={v}" for k, v in node["labels"].items()) or "-",
         )
     return table

@@ -20,7 +20,10 @@ from corral.schemas.spec import ServiceSpec
 
 
 def catalogue() -> dict[str, type[BaseModel]]:
-    models: dict[str, type[BaseModel]] = {"spec.service": ServiceSpec, "envelope.cloudevent": CloudEvent}
+    models: dict[str, type[BaseModel]] = {
+        "spec.service": ServiceSpec,
+        "envelope.cloudevent": CloudEvent,
+    }
     for resource, verbs in COMMANDS.items():
         for verb, model in verbs.items():
             models[command_type(resource, verb)] = model

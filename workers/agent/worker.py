@@ -111,11 +111,18 @@ class AgentWorker:
 
     async def _shutdown_replica(self, replica: str) -> None:
         assignment = self.assignments.get(f"{self.node_id}.{replica}")
-        grace = min(assignment.template.stop_grace_period if assignment else 5.0, SHUTDOWN_GRACE_CAP)
+        grace = min(
+            assignment.template.stop_grace_period if assignment else 5.0, SHUTDOWN_GRACE_CAP
+        )
         code = await self.driver.stop(replica, grace)
         if assignment is not None:
-            await self._report(assignment, ReplicaState.STOPPED, exit_code=code,
-                               message="node agent stopped", event="stopped")
+            await self._report(
+                assignment,
+                ReplicaState.STOPPED,
+                exit_code=code,
+                message="node agent stopped",
+                event="stopped",
+            )
 
     # triggers ---------------------------------------------------------------------------
     def mark(self, replica: str) -> None:
@@ -149,8 +156,12 @@ class AgentWorker:
 
     async def _heartbeat_once(self) -> None:
         status = NodeStatus(
-            id=self.node_id, labels=self.labels, capacity=self.capacity,
-            drivers=[self.driver.name], heartbeat_at=utcnow(), started_at=self._started_at,
+            id=self.node_id,
+            labels=self.labels,
+            capacity=self.capacity,
+            drivers=[self.driver.name],
+            heartbeat_at=utcnow(),
+            started_at=self._started_at,
         )
         await self.bus.buckets.nodes.put(self.node_id, status)
 
@@ -178,12 +189,15 @@ class AgentWorker:
             if assignment is not None:
                 # draining: stop it, say so with the command that asked, then drop the status
                 if running:
-                    code = await self.driver.stop(
-                        replica, assignment.template.stop_grace_period
-                    )
+                    code = await self.driver.stop(replica, assignment.template.stop_grace_period)
                     await self._event(
-                        assignment.service, replica, "stopped", ReplicaState.STOPPED,
-                        assignment.generation, exit_code=code, message="scaled in or replaced",
+                        assignment.service,
+                        replica,
+                        "stopped",
+                        ReplicaState.STOPPED,
+                        assignment.generation,
+                        exit_code=code,
+                        message="scaled in or replaced",
                         correlation=assignment.correlation,
                     )
                 await self.bus.buckets.replicas.delete(f"{assignment.service}.{replica}")
@@ -198,8 +212,15 @@ class AgentWorker:
             if service is not None:
                 await self.bus.buckets.replicas.delete(f"{service}.{replica}")
                 if running:
-                    await self._event(service, replica, "stopped", ReplicaState.STOPPED, 0,
-                                      exit_code=None, message="no longer assigned")
+                    await self._event(
+                        service,
+                        replica,
+                        "stopped",
+                        ReplicaState.STOPPED,
+                        0,
+                        exit_code=None,
+                        message="no longer assigned",
+                    )
                 self._services.pop(replica, None)
             self._replicas.pop(replica, None)
 
@@ -214,16 +235,27 @@ class AgentWorker:
         except DriverError as exc:
             state.failures += 1
             delay = self._backoff(state)
-            await self._report(assignment, ReplicaState.FAILED, message=f"{exc}; retry in {delay:.0f}s",
-                               event="failed", restarts=state.restarts)
+            await self._report(
+                assignment,
+                ReplicaState.FAILED,
+                message=f"{exc}; retry in {delay:.0f}s",
+                event="failed",
+                restarts=state.restarts,
+            )
             self._mark_later(assignment.replica, delay)
             return
         state.started_at = time.monotonic()
-        await self._report(assignment, ReplicaState.RUNNING, pid=started.pid, ports=started.ports,
-                           event="started", restarts=state.restarts)
+        await self._report(
+            assignment,
+            ReplicaState.RUNNING,
+            pid=started.pid,
+            ports=started.ports,
+            event="started",
+            restarts=state.restarts,
+        )
 
     def _backoff(self, state: _Replica) -> float:
-        delay = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** max(0, state.failures - 1))
+        delay = float(min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** max(0, state.failures - 1)))
         state.not_before = time.monotonic() + delay
         return delay
 
@@ -241,9 +273,12 @@ class AgentWorker:
         delay = self._backoff(state)
         what = "exited" if code == 0 else "failed"
         await self._report(
-            assignment, ReplicaState.EXITED if code == 0 else ReplicaState.FAILED,
-            exit_code=code, message=f"exited with code {code}; restart in {delay:.0f}s",
-            event=what, restarts=state.restarts,
+            assignment,
+            ReplicaState.EXITED if code == 0 else ReplicaState.FAILED,
+            exit_code=code,
+            message=f"exited with code {code}; restart in {delay:.0f}s",
+            event=what,
+            restarts=state.restarts,
         )
         self._mark_later(replica, delay)
 
@@ -261,26 +296,57 @@ class AgentWorker:
     ) -> None:
         now = utcnow()
         status = ReplicaStatus(
-            replica=assignment.replica, service=assignment.service, node=self.node_id,
-            generation=assignment.generation, state=state, pid=pid, ports=ports or {},
-            exit_code=exit_code, restarts=restarts, message=message,
-            started_at=now if state == ReplicaState.RUNNING else None, updated_at=now,
+            replica=assignment.replica,
+            service=assignment.service,
+            node=self.node_id,
+            generation=assignment.generation,
+            state=state,
+            pid=pid,
+            ports=ports or {},
+            exit_code=exit_code,
+            restarts=restarts,
+            message=message,
+            started_at=now if state == ReplicaState.RUNNING else None,
+            updated_at=now,
         )
         await self.bus.buckets.replicas.put(f"{assignment.service}.{assignment.replica}", status)
         await self._event(
-            assignment.service, assignment.replica, event, state, assignment.generation,
-            pid=pid, ports=ports or {}, exit_code=exit_code, message=message,
+            assignment.service,
+            assignment.replica,
+            event,
+            state,
+            assignment.generation,
+            pid=pid,
+            ports=ports or {},
+            exit_code=exit_code,
+            message=message,
             correlation=assignment.correlation,
         )
 
     async def _event(
-        self, service: str, replica: str, what: str, state: ReplicaState, generation: int, *,
-        pid: int | None = None, ports: dict[str, int] | None = None, exit_code: int | None,
-        message: str, correlation: str = "",
+        self,
+        service: str,
+        replica: str,
+        what: str,
+        state: ReplicaState,
+        generation: int,
+        *,
+        pid: int | None = None,
+        ports: dict[str, int] | None = None,
+        exit_code: int | None,
+        message: str,
+        correlation: str = "",
     ) -> None:
         data = ReplicaEvent(
-            replica=replica, service=service, node=self.node_id, generation=generation,
-            state=state.value, pid=pid, ports=ports or {}, exit_code=exit_code, message=message,
+            replica=replica,
+            service=service,
+            node=self.node_id,
+            generation=generation,
+            state=state.value,
+            pid=pid,
+            ports=ports or {},
+            exit_code=exit_code,
+            message=message,
             at=utcnow(),
         )
         await self.emitter.emit("replica", service, what, data, correlation=correlation or None)

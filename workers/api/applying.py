@@ -44,7 +44,9 @@ def parse_command(resource: str, name: str, verb: str, event: CloudEvent) -> Com
         )
     expected = command_type(resource, verb)
     if event.type != expected:
-        raise InvalidInput(f"ce-type {event.type!r} does not match the subject; expected {expected!r}")
+        raise InvalidInput(
+            f"ce-type {event.type!r} does not match the subject; expected {expected!r}"
+        )
     data: Any = event.data
     if data is None:
         data = {}
@@ -92,7 +94,9 @@ def apply(command: Command, current: ServiceRecord | None, now: datetime) -> Out
     if command.verb == "delete":
         record = live.model_copy(
             update={
-                "deleted": True, "generation": generation, "command_id": command.id,
+                "deleted": True,
+                "generation": generation,
+                "command_id": command.id,
                 "updated_at": now,
             }
         )

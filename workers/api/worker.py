@@ -73,9 +73,8 @@ class ApiWorker:
     async def handle(self, msg: Msg) -> None:
         parsed = self.bus.names.parse_cmd(msg.subject)
         if parsed is None:
-            raise UnknownCommand(
-                f"subject {msg.subject!r} is not {self.bus.names.prefix}.cmd.<resource>.<name>.<verb>"
-            )
+            expected = f"{self.bus.names.prefix}.cmd.<resource>.<name>.<verb>"
+            raise UnknownCommand(f"subject {msg.subject!r} is not {expected}")
         event = decode(headers_of(msg), msg.data)
         command = parse_command(*parsed, event)
         buckets = self.bus.buckets
@@ -119,6 +118,10 @@ class ApiWorker:
             duplicate=duplicate,
         )
         await self.emitter.emit(
-            command.resource, command.name, "accepted", data, correlation=command.id,
+            command.resource,
+            command.name,
+            "accepted",
+            data,
+            correlation=command.id,
             event_id=f"{command.id}.accepted" if not duplicate else None,
         )

@@ -58,7 +58,8 @@ def plan(
     lets a draining replica on a node that is no longer alive be forgotten at once."""
     draining = [a for a in assignments if a.draining]
     forget = [
-        a for a in draining
+        a
+        for a in draining
         if a.replica not in statuses
         or statuses[a.replica].state == ReplicaState.STOPPED
         or (live_nodes is not None and a.node not in live_nodes)

@@ -166,7 +166,6 @@ class DeployerWorker:
         }
 
     async def _remove(self, the_plan: Plan, correlation: str) -> None:
-        bucket = self.bus.buckets.assignments
         writes = []
         for assignment in the_plan.drain:
             key = f"{assignment.node}.{assignment.replica}"
@@ -197,7 +196,9 @@ class DeployerWorker:
         self.by_service[service].pop(key, None)
         self.assignments.note_deleted(key)
 
-    async def _add(self, record: ServiceRecord, the_plan: Plan, correlation: str) -> tuple[int, str]:
+    async def _add(
+        self, record: ServiceRecord, the_plan: Plan, correlation: str
+    ) -> tuple[int, str]:
         spec = record.spec
         replica_ids = [new_replica_id(spec.name) for _ in range(the_plan.add)]
         request = PlacementRequest(
@@ -225,9 +226,14 @@ class DeployerWorker:
         made: list[tuple[str, Assignment]] = []
         for placed in reply.placed:
             assignment = Assignment(
-                replica=placed.replica, service=spec.name, node=placed.node,
-                generation=record.generation, template=the_plan.template,
-                correlation=correlation, reason=placed.reason, assigned_at=now,
+                replica=placed.replica,
+                service=spec.name,
+                node=placed.node,
+                generation=record.generation,
+                template=the_plan.template,
+                correlation=correlation,
+                reason=placed.reason,
+                assigned_at=now,
             )
             key = f"{placed.node}.{placed.replica}"
             made.append((key, assignment))
@@ -263,17 +269,26 @@ class DeployerWorker:
         desired = 0 if record.deleted else record.spec.replicas
         previous = self.status.get(name)
         status = ServiceStatus(
-            name=name, observed_generation=record.generation, desired=desired,
-            assigned=assigned, pending=pending, reason=reason, updated_at=utcnow(),
+            name=name,
+            observed_generation=record.generation,
+            desired=desired,
+            assigned=assigned,
+            pending=pending,
+            reason=reason,
+            updated_at=utcnow(),
         )
-        if previous is None or previous.model_copy(update={"updated_at": status.updated_at}) != status:
+        if (
+            previous is None
+            or previous.model_copy(update={"updated_at": status.updated_at}) != status
+        ):
             revision = await bucket.put(name, status)
             self.status.note_written(name, status, revision)
         running = sum(
-            1 for s in statuses.values()
-            if s.state == ReplicaState.RUNNING and s.replica in {
-                a.replica for a in self.by_service.get(name, {}).values() if not a.draining
-            }
+            1
+            for s in statuses.values()
+            if s.state == ReplicaState.RUNNING
+            and s.replica
+            in {a.replica for a in self.by_service.get(name, {}).values() if not a.draining}
         )
         if pending:
             await self._announce(name, record, "unschedulable", desired, assigned, pending, reason)
@@ -281,8 +296,14 @@ class DeployerWorker:
             await self._announce(name, record, "ready", desired, assigned, 0, "")
 
     async def _announce(
-        self, name: str, record: ServiceRecord, what: str, desired: int, assigned: int,
-        pending: int, reason: str,
+        self,
+        name: str,
+        record: ServiceRecord,
+        what: str,
+        desired: int,
+        assigned: int,
+        pending: int,
+        reason: str,
     ) -> None:
         """One event per (generation, kind of news), so followers see changes, not noise."""
         marker = (record.generation, f"{what}:{pending}:{reason}")
@@ -290,10 +311,18 @@ class DeployerWorker:
             return
         self._announced[name] = marker
         data = ServiceProgress(
-            name=name, generation=record.generation, desired=desired, assigned=assigned,
-            pending=pending, reason=reason,
+            name=name,
+            generation=record.generation,
+            desired=desired,
+            assigned=assigned,
+            pending=pending,
+            reason=reason,
         )
         await self.emitter.emit(
-            "service", name, what, data, correlation=record.command_id or None,
+            "service",
+            name,
+            what,
+            data,
+            correlation=record.command_id or None,
             event_id=f"{record.command_id}.{what}.{pending}" if record.command_id else None,
         )

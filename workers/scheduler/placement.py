@@ -68,7 +68,10 @@ def solve(request: ClassRequest, nodes: list[NodeView]) -> Solution:
         if need <= 0:
             continue
         free = np.fromiter(
-            (node.capacity.get(resource, 0.0) - node.allocated.get(resource, 0.0) for node in nodes),
+            (
+                node.capacity.get(resource, 0.0) - node.allocated.get(resource, 0.0)
+                for node in nodes
+            ),
             float,
             n,
         )
@@ -108,9 +111,8 @@ def solve(request: ClassRequest, nodes: list[NodeView]) -> Solution:
         full = mask & (slots == take) & (take > 0)
         if full.any():
             parts.append(f"{_plural(int(full.sum()), 'node')} filled up")
-        reason = (
-            f"{unplaced} of {request.count} replicas fit no node: "
-            + (", ".join(parts) if parts else "no node is eligible")
+        reason = f"{unplaced} of {request.count} replicas fit no node: " + (
+            ", ".join(parts) if parts else "no node is eligible"
         )
     return Solution(per_node, unplaced, reason, why)
 

@@ -113,7 +113,10 @@ class SchedulerWorker:
                 placed.append(Placed(replica=replica, node=node_id, reason=solution.why[node_id]))
                 # hold the capacity until the deployer's write reaches our mirror
                 held = Assignment(
-                    replica=replica, service=request.service, node=node_id, generation=0,
+                    replica=replica,
+                    service=request.service,
+                    node=node_id,
+                    generation=0,
                     template=Template(command=["-"], resources=request.resources),
                     assigned_at=now,
                 )

@@ -52,21 +52,29 @@ class ProcessDriver:
         template = launch.template
         ports = {name: _free_port() for name in template.ports}
         variables = port_environment(template.ports, list(ports.values()))
-        variables.update({
-            REPLICA_ENV: launch.replica, "CORRAL_SERVICE": launch.service,
-            "CORRAL_NODE": launch.node,
-        })
+        variables.update(
+            {
+                REPLICA_ENV: launch.replica,
+                "CORRAL_SERVICE": launch.service,
+                "CORRAL_NODE": launch.node,
+            }
+        )
         argv = [expand(arg, variables) for arg in template.command]
         env = dict(os.environ)
         env.update({key: expand(value, variables) for key, value in template.env.items()})
         env.update(variables)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{launch.replica}.log"
-        with open(log_path, "ab") as log:
+        log = await asyncio.to_thread(open, log_path, "ab")
+        with log:
             try:
                 process = await asyncio.create_subprocess_exec(
-                    *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                    stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                    *argv,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
                     preexec_fn=_child_setup,
                 )
             except FileNotFoundError as exc:
