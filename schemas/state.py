@@ -90,7 +90,8 @@ class NodeStatus(Record):
     id: str
     labels: dict[str, str] = Field(default_factory=dict)
     capacity: Resources = Field(default_factory=Resources)
-    drivers: list[str] = Field(default_factory=list)
+    drivers: list[str] = Field(default_factory=list, description="kinds of spec it can run")
+    runtime: str = Field(default="", description="the agent's driver: process or fake")
     heartbeat_at: datetime
     started_at: datetime
     draining: bool = False

@@ -166,3 +166,42 @@ def _lock_data_dir(data_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+class Host:
+    """Workers hosted inside a running event loop, without signal handling: for tests,
+    benchmarks and embedding. `async with Host(settings, build) as host: ...`"""
+
+    def __init__(self, settings: Settings, build: Callable[[Context], list[Worker]]) -> None:
+        self.settings = settings
+        self.build = build
+        self.workers: list[Worker] = []
+        self.bus: Bus | None = None
+        self.broker: NatsBroker | None = None
+        self._started: list[Worker] = []
+
+    async def __aenter__(self) -> Host:
+        self.bus = await Bus.connect(self.settings, name="corral-host")
+        ctx = Context(settings=self.settings, bus=self.bus)
+        self.workers = self.build(ctx)
+        self.broker = NatsBroker(self.settings.resolved_url(), logger=None)
+        for worker in self.workers:
+            worker.register(self.broker)
+        await self.broker.start()
+        for worker in self.workers:
+            await worker.start()
+            self._started.append(worker)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for worker in reversed(self._started):
+            try:
+                await worker.stop()
+            except Exception:
+                log.exception("stopping %s failed", worker.name)
+        self._started.clear()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.stop()
+        if self.bus is not None:
+            await self.bus.close()

@@ -78,13 +78,13 @@ def services_table(services: list[dict[str, Any]]) -> Table:
 
 def nodes_table(nodes: list[dict[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold")
-    for column in ("NODE", "STATE", "DRIVERS", "REPLICAS", "CAPACITY", "ALLOCATED", "LABELS"):
+    for column in ("NODE", "STATE", "RUNTIME", "REPLICAS", "CAPACITY", "ALLOCATED", "LABELS"):
         table.add_column(column)
     for node in nodes:
         table.add_row(
             node["id"],
             node["state"],
-            ",".join(node["drivers"]),
+            node["runtime"] or ",".join(node["drivers"]),
             str(node["replicas"]),
             _resources(node["capacity"]),
             _resources(node["allocated"]),

@@ -159,7 +159,8 @@ class AgentWorker:
             id=self.node_id,
             labels=self.labels,
             capacity=self.capacity,
-            drivers=[self.driver.name],
+            drivers=list(self.driver.provides),
+            runtime=self.driver.name,
             heartbeat_at=utcnow(),
             started_at=self._started_at,
         )

@@ -33,6 +33,8 @@ class DriverError(Exception):
 
 class Driver(Protocol):
     name: str
+    provides: tuple[str, ...]
+    """the kinds of spec it can run, which the node advertises to the scheduler"""
 
     async def start(self, launch: Launch) -> Started:
         """Start a replica; raise DriverError with a user-readable reason if it cannot."""

@@ -8,7 +8,10 @@ from corral.workers.agent.drivers.base import ExitCallback, Launch, Started
 class FakeDriver:
     name = "fake"
 
-    def __init__(self, on_exit: ExitCallback | None = None) -> None:
+    def __init__(
+        self, on_exit: ExitCallback | None = None, provides: tuple[str, ...] = ("process",)
+    ) -> None:
+        self.provides = provides
         self._running: set[str] = set()
         self.on_exit = on_exit
 

@@ -1,0 +1,56 @@
+"""Helpers shared by the tests: polling with a deadline, and the environment for `corral`
+subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from corral.bus.settings import Settings
+
+T = TypeVar("T")
+CORRAL = str(Path(sys.executable).parent / "corral")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T] | T],
+    *,
+    within: float = 20.0,
+    every: float = 0.05,
+    what: str = "condition",
+) -> T:
+    """Poll `probe` until it returns something truthy; fail with `what` after `within` s."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while True:
+        result = probe()
+        if inspect.isawaitable(result):
+            result = await result
+        last = result
+        if result:
+            return result  # type: ignore[return-value]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}; last: {last!r}")
+        await asyncio.sleep(every)
+
+
+def corral_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "CORRAL_NATS_URL": settings.resolved_url(),
+        "CORRAL_PREFIX": settings.prefix,
+        "CORRAL_DATA_DIR": str(settings.data_dir),
+        "CORRAL_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
+        "CORRAL_NODE_GRACE": str(settings.node_grace),
+        "CORRAL_RESYNC_INTERVAL": str(settings.resync_interval),
+        "COLUMNS": "200",
+        "NO_COLOR": "1",
+    })
+    env.update(extra)
+    return env
