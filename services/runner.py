@@ -20,6 +20,7 @@ from corral.bus.connection import Bus
 from corral.bus.embedded import EmbeddedNats, EmbeddedNatsError
 from corral.bus.settings import Settings
 from corral.schemas.spec import Resources
+from corral.workers import NAMES as WORKERS
 from corral.workers.agent.drivers.base import Driver
 from corral.workers.agent.drivers.fake import FakeDriver
 from corral.workers.agent.drivers.process import ProcessDriver
@@ -30,7 +31,6 @@ from corral.workers.runtime import Context, Worker
 from corral.workers.scheduler.worker import SchedulerWorker
 
 log = logging.getLogger(__name__)
-WORKERS = ("api", "deployer", "scheduler")
 
 
 def local_capacity() -> Resources:

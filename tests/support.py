@@ -54,3 +54,30 @@ def corral_env(settings: Settings, **extra: str) -> dict[str, str]:
     })
     env.update(extra)
     return env
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.returncode = code
+        self.stdout = out
+        self.stderr = err
+
+    def __repr__(self) -> str:
+        return f"<exit {self.returncode}\nstdout: {self.stdout}\nstderr: {self.stderr}>"
+
+
+async def acli(env: dict[str, str], *args: str, within: float = 60.0,
+               stdin: str | None = None) -> Result:
+    """Run `corral ...` without blocking the event loop (in-process workers keep running)."""
+    proc = await asyncio.create_subprocess_exec(
+        CORRAL, *args, env=env, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin else None),
+                                          within)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"corral {' '.join(args)} took longer than {within}s") from None
+    return Result(proc.returncode or 0, out.decode(), err.decode())

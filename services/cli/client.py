@@ -235,7 +235,7 @@ async def node_views(bus: Bus) -> list[dict[str, Any]]:
                 "capacity": node.capacity.as_dict(),
                 "allocated": {k: v for k, v in allocated.items() if v},
                 "drivers": node.drivers,
-            "runtime": node.runtime,
+                "runtime": node.runtime,
                 "replicas": len(mine),
                 "heartbeat_age": round(age, 1),
             }

@@ -26,7 +26,7 @@ from corral.schemas.spec import Resources
 from corral.services.cli import client, render
 from corral.services.cli.schema import export_schemas
 from corral.services.cli.specs import describe, load_service_spec
-from corral.services.runner import WORKERS, make_agent, make_worker, serve
+from corral.workers import NAMES as WORKERS
 
 app = typer.Typer(
     name="corral",
@@ -123,6 +123,8 @@ def up(
     log_level: Annotated[str, typer.Option("--log-level")] = "warning",
 ) -> None:
     """Start NATS (embedded unless CORRAL_NATS_URL is set), every worker and a local agent."""
+    from corral.services.runner import make_agent, make_worker, serve
+
     _logging(log_level)
     settings = _settings(data_dir, nats_port=port, node_id=node_id)
 
@@ -148,6 +150,8 @@ def worker(
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run one worker against CORRAL_NATS_URL (or the NATS a local `corral up` started)."""
+    from corral.services.runner import make_worker, serve
+
     if name not in WORKERS:
         err.print(f"[red]error:[/red] unknown worker {name!r}; choose from {', '.join(WORKERS)}")
         raise typer.Exit(2)
@@ -187,6 +191,8 @@ def agent_cmd(
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Run a node agent. `--driver fake` simulates a node that runs nothing."""
+    from corral.services.runner import make_agent, serve
+
     if driver not in ("process", "fake"):
         err.print(f"[red]error:[/red] unknown driver {driver!r}; use process or fake")
         raise typer.Exit(2)

@@ -64,6 +64,7 @@ def solve(request: ClassRequest, nodes: list[NodeView]) -> Solution:
     )
     slots = np.full(n, UNLIMITED, dtype=np.int64)
     short: dict[str, npt.NDArray[np.bool_]] = {}
+    fits: dict[str, npt.NDArray[np.int64]] = {}
     for resource, need in request.resources.items():
         if need <= 0:
             continue
@@ -78,6 +79,7 @@ def solve(request: ClassRequest, nodes: list[NodeView]) -> Solution:
         fit = np.floor(np.maximum(free, 0.0) / need + 1e-9).astype(np.int64)
         slots = np.minimum(slots, fit)
         short[resource] = fit < 1
+        fits[resource] = fit
     eligible = ready & has_driver & selector
     slots = np.where(eligible, slots, 0)
     counts = np.fromiter((node.count for node in nodes), np.int64, n)
@@ -97,20 +99,27 @@ def solve(request: ClassRequest, nodes: list[NodeView]) -> Solution:
             parts.append(f"{_plural(int((~ready).sum()), 'node')} not ready")
         mask = ready.copy()
         if (mask & ~has_driver).any():
-            parts.append(
-                f"{_plural(int((mask & ~has_driver).sum()), 'node')} lack the "
-                f"{request.driver} driver"
-            )
+            count = int((mask & ~has_driver).sum())
+            verb = "lacks" if count == 1 else "lack"
+            parts.append(f"{_plural(count, 'node')} {verb} the {request.driver} driver")
         mask &= has_driver
         if (mask & ~selector).any():
-            parts.append(f"{_plural(int((mask & ~selector).sum()), 'node')} fail node_selector")
+            count = int((mask & ~selector).sum())
+            verb = "fails" if count == 1 else "fail"
+            parts.append(f"{_plural(count, 'node')} {verb} node_selector")
         mask &= selector
         for resource, lacking in short.items():
             if (mask & lacking).any():
-                parts.append(f"{_plural(int((mask & lacking).sum()), 'node')} lack {resource}")
+                count = int((mask & lacking).sum())
+                verb = "lacks" if count == 1 else "lack"
+                parts.append(f"{_plural(count, 'node')} {verb} {resource}")
         full = mask & (slots == take) & (take > 0)
-        if full.any():
-            parts.append(f"{_plural(int(full.sum()), 'node')} filled up")
+        for resource, fit in fits.items():
+            # nodes this placement filled, named by the resource that ran out
+            ran_out = full & (fit == slots)
+            if ran_out.any():
+                parts.append(f"{_plural(int(ran_out.sum()), 'node')} ran out of {resource}")
+                full &= ~ran_out
         reason = f"{unplaced} of {request.count} replicas fit no node: " + (
             ", ".join(parts) if parts else "no node is eligible"
         )

