@@ -18,6 +18,7 @@ import logging
 import os
 import pstats
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import psutil
 from faststream.nats import NatsBroker
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
@@ -163,12 +165,48 @@ class Report:
         print(flush=True)
 
 
+class CpuMeter:
+    """CPU used by this process (all threads), by helper child processes, and by the
+    nats-server, over a stretch of wall time: tells a CPU-bound worker from one that waits."""
+
+    def __init__(self, server_pid: int | None, children: list[int] | None = None) -> None:
+        self.server = psutil.Process(server_pid) if server_pid else None
+        self.children = [psutil.Process(pid) for pid in children or []]
+        self.start()
+
+    @staticmethod
+    def _cpu(procs: list[psutil.Process]) -> float:
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += float(times.user + times.system)
+        return total
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.p0 = time.process_time()
+        self.c0 = self._cpu(self.children)
+        self.s0 = self._cpu([self.server] if self.server else [])
+
+    def read(self) -> str:
+        wall = time.perf_counter() - self.t0
+        me = (time.process_time() - self.p0) / wall * 100
+        server = (self._cpu([self.server] if self.server else []) - self.s0) / wall * 100
+        text = f"python {me:.0f}% of a core"
+        if self.children:
+            text += f", agent processes {(self._cpu(self.children) - self.c0) / wall * 100:.0f}%"
+        return text + f", nats-server {server:.0f}%"
+
+
 def rate(n: int, seconds: float) -> str:
     return f"{n / seconds:,.0f}/s" if seconds > 0 else "-"
 
 
 # --- 1. API worker throughput --------------------------------------------------------------
-def build_command(prefix_names: Any, verb: str, name: str, data: Any) -> tuple[str, dict[str, str], bytes]:
+def build_command(
+    prefix_names: Any, verb: str, name: str, data: Any
+) -> tuple[str, dict[str, str], bytes]:
     event = CloudEvent(
         source="bench/deploy_storm", type=command_type("service", verb), subject=name, data=data
     )
@@ -176,9 +214,7 @@ def build_command(prefix_names: Any, verb: str, name: str, data: Any) -> tuple[s
     return prefix_names.cmd("service", name, verb), headers, payload
 
 
-async def publish_all(
-    js: Any, items: list[tuple[str, dict[str, str], bytes]], stream: str
-) -> None:
+async def publish_all(js: Any, items: list[tuple[str, dict[str, str], bytes]], stream: str) -> None:
     for subject, headers, payload in items:
         await js.publish_async(subject, payload, headers=dict(headers), stream=stream)
     await js.publish_async_completed()
@@ -235,7 +271,10 @@ async def bench_api(url: str, args: argparse.Namespace, report: Report, tally: L
         # the timed part: n scale commands, each one a real change (2, 3, 2, 3, ...)
         commands = [
             build_command(
-                names, "scale", spec_names[i % services], ScaleCommand(replicas=2 + (i // services) % 2)
+                names,
+                "scale",
+                spec_names[i % services],
+                ScaleCommand(replicas=2 + (i // services) % 2),
             )
             for i in range(n)
         ]
@@ -245,6 +284,7 @@ async def bench_api(url: str, args: argparse.Namespace, report: Report, tally: L
         profiler = cProfile.Profile() if args.profile == "api" else None
         if profiler:
             profiler.enable()
+        cpu = CpuMeter(args.server_pid)
         t0 = time.perf_counter()
         await publish_all(js, commands, names.cmd_stream)
         t_pub = time.perf_counter() - t0
@@ -257,6 +297,7 @@ async def bench_api(url: str, args: argparse.Namespace, report: Report, tally: L
             report.problems.append(
                 f"api: only {len(accepted):,} of {n:,} commands accepted within {timeout:.0f}s"
             )
+        cpu_api = cpu.read()
         if profiler:
             profiler.disable()
             dump_profile(profiler, "api", args)
@@ -271,7 +312,9 @@ async def bench_api(url: str, args: argparse.Namespace, report: Report, tally: L
             report.notes.append(f"api: {dupes} accepted events were repeats (redelivery)")
 
         # baseline: raw JetStream publish + pull-consume of as many messages of the same size
+        cpu.start()
         base_elapsed = await raw_js_baseline(js, commands, args)
+        cpu_raw = cpu.read()
         say(f"api baseline: {n:,} raw messages in {base_elapsed:.2f}s")
 
         api_rate = got / elapsed if elapsed > 0 else 0.0
@@ -289,6 +332,7 @@ async def bench_api(url: str, args: argparse.Namespace, report: Report, tally: L
             f"accepted-event counter share the worker's process; publishing alone took "
             f"{t_pub:.2f}s of the {elapsed:.2f}s"
         )
+        report.notes.append(f"api CPU while timed: {cpu_api}; raw baseline: {cpu_raw}")
     finally:
         await host.stop()
         await nc.drain()
@@ -336,6 +380,90 @@ async def raw_js_baseline(
 
 
 # --- 2. deploy storm -----------------------------------------------------------------------
+ZONES = ("a", "b", "c", "d")
+
+
+def build_agents(ctx: Context, first: int, last: int) -> list[AgentWorker]:
+    return [
+        make_agent(
+            ctx,
+            node_id=f"n{i}",
+            driver="fake",
+            capacity=Resources(cpu=64, memory=256 * GiB),
+            labels={"zone": ZONES[i % len(ZONES)]},
+        )
+        for i in range(first, last)
+    ]
+
+
+async def agents_child(url: str, prefix: str, first: int, last: int, data_dir: str) -> None:
+    """`--agents-child`: host fake agents n<first>..n<last-1> in this (child) process until
+    standard input closes, then stop them."""
+    logging.basicConfig(
+        level=logging.WARNING, format="  child log %(levelname)s %(name)s: %(message)s"
+    )
+    settings = Settings(nats_url=url, prefix=prefix, data_dir=Path(data_dir))
+    bus = await Bus.connect(settings, name=f"bench-agents-{first}")
+    started: list[AgentWorker] = []
+    try:
+        agents = build_agents(Context(settings=settings, bus=bus), first, last)
+        for i in range(0, len(agents), 25):
+            chunk = agents[i : i + 25]
+            await asyncio.gather(*(a.start() for a in chunk))
+            started.extend(chunk)
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.read)  # returns at EOF: the parent is done
+    finally:
+        await asyncio.gather(*(a.stop() for a in started), return_exceptions=True)
+        await bus.close()
+
+
+class AgentProcs:
+    """Fake agents split over child processes (this script with --agents-child)."""
+
+    def __init__(self) -> None:
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self, url: str, prefix: str, nodes: int, count: int, data_dir: str) -> None:
+        bounds = [nodes * k // count for k in range(count + 1)]
+        for k in range(count):
+            first, last = str(bounds[k]), str(bounds[k + 1])
+            self.procs.append(
+                await asyncio.create_subprocess_exec(
+                    *(sys.executable, __file__, "--agents-child", url, prefix, first, last),
+                    data_dir,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    preexec_fn=_die_with_parent,
+                )
+            )
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = await proc.stdout.readline()
+            if line.strip() != b"ready":
+                raise RuntimeError(f"agent child {proc.pid} did not start ({proc.returncode})")
+
+    async def stop(self, within: float = 60.0) -> None:
+        for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()  # the child stops its agents at EOF
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), within)
+            except TimeoutError:
+                say(f"  agent child {proc.pid} did not stop in {within:.0f}s; killing it")
+                proc.kill()
+                await proc.wait()
+        self.procs.clear()
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class StormWatch:
     """Counts replicas running (a Mirror of the replicas bucket) and replica `started` events."""
 
@@ -366,7 +494,7 @@ class StormWatch:
 
 
 async def bench_storm(
-    url: str, args: argparse.Namespace, report: Report, prefix: str
+    url: str, args: argparse.Namespace, report: Report, prefix: str, agent_procs: int
 ) -> str | None:
     """Returns a diagnosis string if the storm could not be placed at all."""
     settings = Settings(nats_url=url, prefix=prefix, data_dir=Path(args.tmp))
@@ -378,22 +506,20 @@ async def bench_storm(
     watch = StormWatch(total)
     mirror: Mirror[ReplicaStatus] | None = None
     diagnosis: str | None = None
+    children = AgentProcs()
+    where = (
+        f"in {agent_procs} child process{'es' if agent_procs > 1 else ''}"
+        if agent_procs
+        else "in-process"
+    )
     try:
         t_boot = time.perf_counter()
         ctx = await host.start(lambda c: [ApiWorker(c), SchedulerWorker(c), DeployerWorker(c)])
         names = ctx.bus.names
-        zones = ("a", "b", "c", "d")
-        agents = []
-        for i in range(args.nodes):
-            agent = make_agent(
-                ctx,
-                node_id=f"n{i}",
-                driver="fake",
-                capacity=Resources(cpu=64, memory=256 * GiB),
-                labels={"zone": zones[i % len(zones)]},
-            )
-            agents.append(agent)
-        await host.start_more(agents)
+        if agent_procs:
+            await children.start(url, prefix, args.nodes, agent_procs, args.tmp)
+        else:
+            await host.start_more(build_agents(ctx, 0, args.nodes))
         scheduler = next(w for w in host.started if isinstance(w, SchedulerWorker))
         deployer = next(w for w in host.started if isinstance(w, DeployerWorker))
         deadline = time.monotonic() + 30
@@ -405,7 +531,7 @@ async def bench_storm(
                 )
             await asyncio.sleep(0.05)
         say(
-            f"storm: api, scheduler, deployer and {args.nodes} fake agents up in "
+            f"storm: api, scheduler, deployer and {args.nodes} fake agents ({where}) up in "
             f"{time.perf_counter() - t_boot:.1f}s"
         )
 
@@ -414,9 +540,12 @@ async def bench_storm(
         await mirror.start()
         started_sub = await nc.subscribe(names.evt("replica", "*", "started"), cb=watch.on_started)
         ready: dict[str, float] = {}
+        all_ready = asyncio.Event()
 
         async def on_ready(msg: Any) -> None:
             ready.setdefault(msg.subject, time.perf_counter())
+            if len(ready) >= services:
+                all_ready.set()
 
         ready_sub = await nc.subscribe(names.evt("service", "*", "ready"), cb=on_ready)
         await nc.flush()
@@ -439,6 +568,7 @@ async def bench_storm(
         profiler = cProfile.Profile() if args.profile == "storm" else None
         if profiler:
             profiler.enable()
+        cpu = CpuMeter(args.server_pid, [proc.pid for proc in children.procs])
         t0 = time.perf_counter()
         await publish_all(js, deploys, names.cmd_stream)
         progress_at = time.monotonic()
@@ -459,14 +589,14 @@ async def bench_storm(
                     diagnosis = "no replica running, no reason reported"
                 stalled = True
                 break
+        cpu_storm = cpu.read()
         if profiler:
             profiler.disable()
             dump_profile(profiler, "storm", args)
         elapsed = (watch.t_all_running or time.perf_counter()) - t0
         if stalled:
             report.problems.append(
-                f"storm: no replica running after "
-                f"{args.stall:.0f}s: {diagnosis}"
+                f"storm: no replica running after {args.stall:.0f}s: {diagnosis}"
             )
             return diagnosis
         if not watch.all_running.is_set():
@@ -474,18 +604,27 @@ async def bench_storm(
                 f"storm: only {len(watch.running):,} of {total:,} replicas running after "
                 f"{args.timeout:.0f}s"
             )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_ready.wait(), 10)
         t_ready = max(ready.values()) - t0 if len(ready) == services else None
 
         # after the fact: are there exactly `total` assignments, each service at `per`?
-        await asyncio.sleep(0)  # let watchers deliver what they already have
-        assignments = await ctx.bus.buckets.assignments.items()
-        per_service = Counter(a.value.service for a in assignments.values() if not a.value.draining)
-        per_node = Counter(a.value.node for a in assignments.values())
+        raw = await snapshot(ctx.bus.buckets.assignments.kv)
+        decoded = [ctx.bus.buckets.assignments.decode(v) for v in raw.values()]
+        per_service = Counter(a.service for a in decoded if not a.draining)
+        per_node = Counter(a.node for a in decoded)
         wrong = {s: c for s, c in per_service.items() if c != per}
-        if len(assignments) != total or wrong:
+        if len(raw) != total or wrong or len(per_service) != services:
             report.problems.append(
-                f"storm: {len(assignments):,} assignments for {total:,} replicas; "
+                f"storm: {len(raw):,} assignments for {total:,} replicas; "
                 f"services off target: {dict(list(wrong.items())[:5])}"
+            )
+        # corral's own snapshot reader, against the careful one above
+        listed = await ctx.bus.buckets.assignments.items()
+        if len(listed) != len(raw):
+            report.problems.append(
+                f"Bucket.items() listed {len(listed):,} of the {len(raw):,} assignments "
+                "(bus/store.py Bucket.items stops at nats-py's premature initial None marker)"
             )
         if watch.started_events != total:
             report.problems.append(
@@ -506,14 +645,17 @@ async def bench_storm(
 
         floor = await kv_floor(js, total, args)
         floor_chain = await kv_floor(js, 3 * total, args)
-        say(f"storm baseline: {total:,} KV puts in {floor:.2f}s; {3 * total:,} in {floor_chain:.2f}s")
+        say(f"storm baseline: {total:,} KV puts {floor:.2f}s; {3 * total:,} {floor_chain:.2f}s")
         ok = watch.all_running.is_set()
         verdict = "MISSED"
         if ok and elapsed <= STORM_TARGET:
             verdict = "MET (and target)"
         elif ok and elapsed <= STORM_GOAL:
             verdict = "MET"
-        label = f"storm: {services}x{per}={total:,} replicas on {args.nodes} nodes, to all running"
+        label = (
+            f"storm: {services}x{per}={total:,} replicas on {args.nodes} nodes, "
+            f"agents {where}: to all running"
+        )
         report.rows.append(
             Row(
                 label,
@@ -525,7 +667,7 @@ async def bench_storm(
         )
         report.rows.append(
             Row(
-                "storm: first replica running / all services `ready` events",
+                "storm: first replica running / last service `ready` event",
                 f"{watch.t_first_running - t0:.2f} s / "
                 + (f"{t_ready:.2f} s" if t_ready is not None else f"{len(ready)} of {services}"),
                 f"{3 * total:,} KV puts pipelined {floor_chain:.2f} s",
@@ -533,18 +675,47 @@ async def bench_storm(
                 "",
             )
         )
-        report.notes.append(
+        report.notes.append(f"storm ({where}) CPU while timed: {cpu_storm}")
+        note = (
             f"storm: the second baseline ({3 * total:,} writes) is the least bus work of the "
             "chain: one assignment, one replica status and one started event per replica"
         )
+        if note not in report.notes:
+            report.notes.append(note)
         return None
     finally:
         if mirror is not None:
             await mirror.stop()
         t_stop = time.perf_counter()
+        await children.stop()
         await host.stop()
-        say(f"storm: stopped {args.nodes} agents and the workers in {time.perf_counter() - t_stop:.1f}s")
+        stopped_in = time.perf_counter() - t_stop
+        say(f"storm: stopped {args.nodes} agents and the workers in {stopped_in:.1f}s")
         await nc.drain()
+
+
+async def snapshot(kv: Any, within: float = 10.0) -> dict[str, bytes]:
+    """Every live key's latest value. Unlike `Bucket.items()`, it does not trust the watcher's
+    initial None marker, which nats-py 2.16 can deliver before the entries (nats.py#842); it
+    reads until an entry reports nothing pending, knowing from the stream how many to expect."""
+    status = await kv.status()
+    if not status.values:
+        return {}
+    out: dict[str, bytes] = {}
+    watcher = await kv.watch(">")
+    try:
+        while True:
+            entry = await watcher.updates(timeout=within)
+            if entry is None:
+                continue
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                out.pop(entry.key, None)
+            else:
+                out[entry.key] = entry.value
+            if entry.delta == 0:
+                return out
+    finally:
+        await watcher.stop()
 
 
 async def kv_floor(js: Any, count: int, args: argparse.Namespace) -> float:
@@ -584,6 +755,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--stall", type=float, default=8.0, help="storm: no replica running after this is a stall"
     )
     p.add_argument("--only", choices=("api", "storm"), help="run one benchmark")
+    p.add_argument(
+        "--agent-procs",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        help="storm: run it once per value, with the fake agents in that many child processes\n"
+        "(0 = in the workers' process); default: 0 1",
+    )
     p.add_argument("--profile", choices=("api", "storm"), help="cProfile one timed phase")
     p.add_argument("--profile-out", help="where to write the profile")
     return p.parse_args(argv)
@@ -599,12 +778,14 @@ async def run(args: argparse.Namespace) -> int:
     server = EmbeddedNats(Path(tmp) / "jetstream", port=0, log_file=Path(tmp) / "nats-server.log")
     t_start = time.perf_counter()
     url = await asyncio.to_thread(server.start)
+    args.server_pid = server.process.pid if server.process else None
     say(f"nats-server {server.binary} on {url}, store {tmp}")
     try:
         if args.only in (None, "api"):
             await bench_api(url, args, report, tally)
         if args.only in (None, "storm"):
-            await bench_storm(url, args, report, "bstorm")
+            for count in args.agent_procs:
+                await bench_storm(url, args, report, f"bstorm{count}", count)
     finally:
         await asyncio.to_thread(server.stop)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -612,7 +793,7 @@ async def run(args: argparse.Namespace) -> int:
     if leftovers:
         report.problems.append(
             f"{len(leftovers)} asyncio tasks still alive at the end: "
-            + ", ".join(sorted({t.get_name() for t in leftovers})[:8])
+            + ", ".join(sorted({describe_task(t) for t in leftovers})[:8])
         )
         for task in leftovers:
             task.cancel()
@@ -624,7 +805,19 @@ async def run(args: argparse.Namespace) -> int:
     return 1 if report.problems else 0
 
 
+def describe_task(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    name = getattr(coro, "__qualname__", repr(coro))
+    frame = getattr(coro, "cr_frame", None)
+    where = f" at {Path(frame.f_code.co_filename).name}:{frame.f_lineno}" if frame else ""
+    return f"{task.get_name()} {name}{where}"
+
+
 def main() -> None:
+    if len(sys.argv) == 7 and sys.argv[1] == "--agents-child":
+        _, _, url, prefix, first, last, data_dir = sys.argv
+        asyncio.run(agents_child(url, prefix, int(first), int(last), data_dir))
+        return
     args = parse_args()
     sys.exit(asyncio.run(run(args)))
 

@@ -14,6 +14,8 @@ import uuid
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from corral.bus.lifecycle import Loops
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,7 @@ class Lease:
         self.holder = uuid.uuid4().hex
         self.held = asyncio.Event()
         self._revision: int | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.loops = Loops(f"lease {key}")
 
     def _value(self) -> bytes:
         return json.dumps({"holder": self.holder, "expires": time.time() + self.ttl}).encode()
@@ -63,7 +65,7 @@ class Lease:
     async def run(self) -> None:
         """Acquire, then keep renewing; clears `held` the moment renewal fails."""
         interval = self.ttl / 3
-        while True:
+        while self.loops.running:
             try:
                 if self.held.is_set():
                     if not await self._renew():
@@ -75,16 +77,13 @@ class Lease:
             except Exception as exc:
                 log.warning("lease %s: %s", self.key, exc)
                 self.held.clear()
-            await asyncio.sleep(interval)
+            await self.loops.sleep(interval)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name=f"lease:{self.key}")
+        self.loops.spawn(self.run(), "renew")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self.loops.stop()
         if self.held.is_set() and self._revision is not None:
             # hand over at once instead of making the next holder wait out the ttl
             with contextlib.suppress(Exception):

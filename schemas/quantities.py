@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
@@ -20,8 +21,8 @@ def parse_cpu(value: str | float | int) -> float:
         if not match or match.group(2) not in ("", "m"):
             raise ValueError(f"cannot read cpu quantity {value!r}; use 0.5 or 500m")
         number = float(match.group(1)) / (1000 if match.group(2) == "m" else 1)
-    if number < 0:
-        raise ValueError("cpu must not be negative")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("cpu must be a finite, non-negative number")
     return number
 
 
@@ -39,8 +40,8 @@ def parse_bytes(value: str | float | int) -> int:
         if unit and unit not in _BINARY and unit not in _DECIMAL:
             raise ValueError(f"unknown memory unit {unit!r}; use Ki, Mi, Gi, Ti, k, M, G or T")
         number = float(match.group(1)) * _BINARY.get(unit, _DECIMAL.get(unit, 1))
-    if number < 0:
-        raise ValueError("memory must not be negative")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("memory must be a finite, non-negative number")
     return int(number)
 
 

@@ -6,6 +6,7 @@ fields here; every model forbids unknown fields so that a typo is an error, not 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -54,10 +55,15 @@ class Resources(BaseModel):
     @model_validator(mode="after")
     def _extras_are_counts(self) -> Resources:
         for key, value in (self.model_extra or {}).items():
-            if not re.match(r"^[a-z][a-z0-9_.\-/]{0,62}$", key):
+            if not re.fullmatch(r"[a-z][a-z0-9_.\-/]{0,62}", key):
                 raise ValueError(f"resource name {key!r} is not valid")
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"resource {key!r} must be a non-negative number")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"resource {key!r} must be a finite, non-negative number")
         return self
 
     def as_dict(self) -> dict[str, float]:
@@ -94,7 +100,7 @@ class ServiceSpec(StrictModel):
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
         for key in env:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"environment variable name {key!r} is not valid")
         return env
 

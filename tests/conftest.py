@@ -62,8 +62,11 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
     before = asyncio.all_tasks()
     yield
     for _ in range(100):
-        leaked = [t for t in asyncio.all_tasks() - before if not t.done()
-                  and t is not asyncio.current_task()]
+        leaked = [
+            t
+            for t in asyncio.all_tasks() - before
+            if not t.done() and t is not asyncio.current_task()
+        ]
         if not leaked:
             return
         await asyncio.sleep(0.02)
@@ -79,7 +82,8 @@ def control_plane(settings: Settings) -> Callable[..., Host]:
     in-process, plus agents described as dicts of make_agent's keyword arguments."""
 
     def build_host(
-        *, workers: tuple[str, ...] = ("api", "deployer", "scheduler"),
+        *,
+        workers: tuple[str, ...] = ("api", "deployer", "scheduler"),
         agents: list[dict[str, Any]] | None = None,
     ) -> Host:
         def build(ctx: Context) -> list[Worker]:
@@ -104,12 +108,16 @@ class Processes:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *args: str, env: dict[str, str] | None = None, name: str = "proc"
-              ) -> subprocess.Popen[bytes]:
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, name: str = "proc"
+    ) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / f"{name}-{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [CORRAL, *args], env=env or corral_env(self.settings), stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [CORRAL, *args],
+            env=env or corral_env(self.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
         self.procs.append(proc)
@@ -134,18 +142,24 @@ def processes(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
     group.stop_all()
 
 
-def run_cli(settings: Settings, *args: str, timeout: float = 60.0, input: str | None = None
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    settings: Settings, *args: str, timeout: float = 60.0, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [CORRAL, *args], env=corral_env(settings), capture_output=True, text=True,
-        timeout=timeout, input=input,
+        [CORRAL, *args],
+        env=corral_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
     )
 
 
 @pytest.fixture
 def cli(settings: Settings) -> Callable[..., subprocess.CompletedProcess[str]]:
-    def call(*args: str, timeout: float = 60.0, input: str | None = None
-             ) -> subprocess.CompletedProcess[str]:
+    def call(
+        *args: str, timeout: float = 60.0, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return run_cli(settings, *args, timeout=timeout, input=input)
 
     return call

@@ -8,23 +8,22 @@ import inspect
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from corral.bus.settings import Settings
 
-T = TypeVar("T")
 CORRAL = str(Path(sys.executable).parent / "corral")
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T] | T],
+    probe: Callable[[], Any],
     *,
     within: float = 20.0,
     every: float = 0.05,
     what: str = "condition",
-) -> T:
+) -> Any:
     """Poll `probe` until it returns something truthy; fail with `what` after `within` s."""
     deadline = time.monotonic() + within
     last: Any = None
@@ -34,24 +33,28 @@ async def eventually(
             result = await result
         last = result
         if result:
-            return result  # type: ignore[return-value]
+            return result
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}; last: {last!r}")
+            raise AssertionError(
+                f"timed out after {within:.0f}s waiting for {what}; last: {last!r}"
+            )
         await asyncio.sleep(every)
 
 
 def corral_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "CORRAL_NATS_URL": settings.resolved_url(),
-        "CORRAL_PREFIX": settings.prefix,
-        "CORRAL_DATA_DIR": str(settings.data_dir),
-        "CORRAL_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
-        "CORRAL_NODE_GRACE": str(settings.node_grace),
-        "CORRAL_RESYNC_INTERVAL": str(settings.resync_interval),
-        "COLUMNS": "200",
-        "NO_COLOR": "1",
-    })
+    env.update(
+        {
+            "CORRAL_NATS_URL": settings.resolved_url(),
+            "CORRAL_PREFIX": settings.prefix,
+            "CORRAL_DATA_DIR": str(settings.data_dir),
+            "CORRAL_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
+            "CORRAL_NODE_GRACE": str(settings.node_grace),
+            "CORRAL_RESYNC_INTERVAL": str(settings.resync_interval),
+            "COLUMNS": "200",
+            "NO_COLOR": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -66,16 +69,22 @@ class Result:
         return f"<exit {self.returncode}\nstdout: {self.stdout}\nstderr: {self.stderr}>"
 
 
-async def acli(env: dict[str, str], *args: str, within: float = 60.0,
-               stdin: str | None = None) -> Result:
+async def acli(
+    env: dict[str, str], *args: str, within: float = 60.0, stdin: str | None = None
+) -> Result:
     """Run `corral ...` without blocking the event loop (in-process workers keep running)."""
     proc = await asyncio.create_subprocess_exec(
-        CORRAL, *args, env=env, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        CORRAL,
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin else None),
-                                          within)
+        out, err = await asyncio.wait_for(
+            proc.communicate(stdin.encode() if stdin else None), within
+        )
     except TimeoutError:
         proc.kill()
         await proc.wait()

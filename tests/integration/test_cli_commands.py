@@ -32,7 +32,8 @@ async def test_invalid_spec_prints_field_and_publishes_nothing(settings, bus, tm
     port_less.write_text("name: web\ncommand: [serve, '${PORT}']\n")
     result = await acli(corral_env(settings), "deploy", "-f", str(port_less))
     assert result.returncode == 2
-    assert "${PORT}" in result.stderr and "ports" in result.stderr
+    assert "${PORT}" in result.stderr
+    assert "ports" in result.stderr
 
 
 async def test_unknown_service_is_not_found(settings, control_plane) -> None:
@@ -56,15 +57,38 @@ async def test_cli_without_nats_says_so(settings, tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
-async def test_fake_nodes_selectors_and_pending(settings, control_plane, processes, tmp_path
-                                                ) -> None:
+async def test_fake_nodes_selectors_and_pending(
+    settings, control_plane, processes, tmp_path
+) -> None:
     env = corral_env(settings)
-    processes.start("agent", "--node-id", "n2", "--driver", "fake", "--capacity",
-                    "cpu=4,memory=8Gi", "--label", "zone=b", name="n2")
-    processes.start("agent", "--node-id", "n3", "--driver", "fake", "--capacity",
-                    "cpu=1,memory=1Gi", "--label", "zone=a", name="n3")
-    async with control_plane(agents=[{"node_id": "local", "driver": "fake",
-                                      "capacity": {"cpu": 2, "memory": "2Gi"}}]):
+    processes.start(
+        "agent",
+        "--node-id",
+        "n2",
+        "--driver",
+        "fake",
+        "--capacity",
+        "cpu=4,memory=8Gi",
+        "--label",
+        "zone=b",
+        name="n2",
+    )
+    processes.start(
+        "agent",
+        "--node-id",
+        "n3",
+        "--driver",
+        "fake",
+        "--capacity",
+        "cpu=1,memory=1Gi",
+        "--label",
+        "zone=a",
+        name="n3",
+    )
+    async with control_plane(
+        agents=[{"node_id": "local", "driver": "fake", "capacity": {"cpu": 2, "memory": "2Gi"}}]
+    ):
+
         async def nodes() -> list[dict]:
             result = await acli(env, "nodes", "-o", "json")
             assert result.returncode == 0, result
@@ -79,8 +103,11 @@ async def test_fake_nodes_selectors_and_pending(settings, control_plane, process
         assert set(by_id["n2"]) >= {"id", "state", "labels", "capacity", "allocated"}
 
         spec = {
-            "name": "zoned", "replicas": 3, "command": ["sleep", "1000"],
-            "resources": {"cpu": 1, "memory": "1Gi"}, "placement": {"node_selector": {"zone": "b"}},
+            "name": "zoned",
+            "replicas": 3,
+            "command": ["sleep", "1000"],
+            "resources": {"cpu": 1, "memory": "1Gi"},
+            "placement": {"node_selector": {"zone": "b"}},
         }
         path = tmp_path / "zoned.yaml"
         path.write_text(yaml.safe_dump(spec))
@@ -114,7 +141,7 @@ async def test_fake_nodes_selectors_and_pending(settings, control_plane, process
         assert "3 nodes fail node_selector" in result.stderr, result
 
 
-async def _three(nodes):  # type: ignore[no-untyped-def]
+async def _three(nodes):
     found = await nodes()
     return found if len(found) == 3 else None
 
@@ -123,8 +150,12 @@ async def test_schema_export(tmp_path, settings) -> None:
     result = await acli(corral_env(settings), "schema", "export", str(tmp_path / "out"))
     assert result.returncode == 0, result
     files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"spec.service.json", "io.corral.service.scale.json",
-            "io.corral.service.rejected.json", "io.corral.replica.started.json"} <= files
+    assert {
+        "spec.service.json",
+        "io.corral.service.scale.json",
+        "io.corral.service.rejected.json",
+        "io.corral.replica.started.json",
+    } <= files
     spec = json.loads((tmp_path / "out" / "spec.service.json").read_text())
     assert "replicas" in spec["properties"]
     assert spec["additionalProperties"] is False

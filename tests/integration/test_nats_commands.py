@@ -37,14 +37,21 @@ class Recorder:
 
     def matching(self, suffix: str, correlation: str | None = None) -> list[Any]:
         return [
-            (subject, headers, data) for subject, headers, data in self.seen
+            (subject, headers, data)
+            for subject, headers, data in self.seen
             if subject.endswith(suffix)
             and (correlation is None or headers.get("corral-correlation") == correlation)
         ]
 
 
-def binary(settings: Settings, name: str, verb: str, data: Any, ce_id: str | None = None,
-           ce_type: str | None = None) -> tuple[str, bytes, dict[str, str]]:
+def binary(
+    settings: Settings,
+    name: str,
+    verb: str,
+    data: Any,
+    ce_id: str | None = None,
+    ce_type: str | None = None,
+) -> tuple[str, bytes, dict[str, str]]:
     headers = {
         "ce-id": ce_id or uuid.uuid4().hex,
         "ce-source": "test/other-system",
@@ -68,10 +75,13 @@ async def test_binary_mode_deploy_scale_delete(settings, bus, control_plane) -> 
             subject, payload, headers = binary(settings, "hello", "deploy", SPEC)
             await nc.publish(subject, payload, headers=headers)  # plain core publish
             deploy_id = headers["ce-id"]
-            await eventually(lambda: recorder.matching(".hello.accepted", deploy_id),
-                             what="deploy accepted")
-            await eventually(lambda: len(recorder.matching(".started", deploy_id)) == 2,
-                             what="two replicas started")
+            await eventually(
+                lambda: recorder.matching(".hello.accepted", deploy_id), what="deploy accepted"
+            )
+            await eventually(
+                lambda: len(recorder.matching(".started", deploy_id)) == 2,
+                what="two replicas started",
+            )
 
             subject, payload, headers = binary(settings, "hello", "scale", {"replicas": 4})
             await nc.publish(subject, payload, headers=headers)
@@ -81,17 +91,22 @@ async def test_binary_mode_deploy_scale_delete(settings, bus, control_plane) -> 
                 what="scale accepted",
             )
             assert accepted[0][2]["generation"] == 2
-            await eventually(lambda: len(recorder.matching(".started", scale_id)) == 2,
-                             what="two more replicas started, correlated with the scale")
-            assert all(s.startswith(f"{settings.prefix}.evt.replica.hello.")
-                       for s, _, _ in recorder.matching(".started"))
+            await eventually(
+                lambda: len(recorder.matching(".started", scale_id)) == 2,
+                what="two more replicas started, correlated with the scale",
+            )
+            assert all(
+                s.startswith(f"{settings.prefix}.evt.replica.hello.")
+                for s, _, _ in recorder.matching(".started")
+            )
             await eventually(lambda: replica_count(bus, "hello"), what="replica statuses")
             assert await eventually(lambda: _count_is(bus, "hello", 4), what="4 replicas")
 
             subject, payload, headers = binary(settings, "hello", "delete", {})
             await nc.publish(subject, payload, headers=headers)
-            await eventually(lambda: recorder.matching(".accepted", headers["ce-id"]),
-                             what="delete accepted")
+            await eventually(
+                lambda: recorder.matching(".accepted", headers["ce-id"]), what="delete accepted"
+            )
             await eventually(lambda: _count_is(bus, "hello", 0), what="every replica gone")
             stopped = recorder.matching("evt.replica.hello.stopped", headers["ce-id"])
             assert len(stopped) == 4
@@ -116,8 +131,11 @@ async def test_structured_mode_and_duplicate_ids_act_once(settings, bus, control
 
             command_id = uuid.uuid4().hex
             structured = {
-                "specversion": "1.0", "id": command_id, "source": "test/structured",
-                "type": "io.corral.service.scale", "datacontenttype": "application/json",
+                "specversion": "1.0",
+                "id": command_id,
+                "source": "test/structured",
+                "type": "io.corral.service.scale",
+                "datacontenttype": "application/json",
                 "data": {"replicas": 3},
             }
             body = json.dumps(structured).encode()
@@ -126,8 +144,11 @@ async def test_structured_mode_and_duplicate_ids_act_once(settings, bus, control
             # the same command again, with no Nats-Msg-Id: the api worker still acts once
             await nc.publish(f"{settings.prefix}.cmd.service.web.scale", body, headers=ce_headers)
             outcomes = await eventually(
-                lambda: (found := recorder.matching(".accepted", command_id)) and len(found) >= 2
-                and found,
+                lambda: (
+                    (found := recorder.matching(".accepted", command_id))
+                    and len(found) >= 2
+                    and found
+                ),
                 what="both copies answered",
             )
             flags = sorted(data["duplicate"] for _, _, data in outcomes)
@@ -193,12 +214,20 @@ async def test_garbage_payload_and_subject_are_rejected(settings, bus, control_p
     sub = await nc.subscribe(f"{settings.prefix}.evt.>", cb=recorder.on_msg)
     try:
         async with control_plane():
-            await nc.publish(f"{settings.prefix}.cmd.service.x.scale", b"\xff not json",
-                             headers={"ce-id": "1", "ce-source": "s", "ce-type":
-                                      "io.corral.service.scale", "ce-specversion": "1.0"})
+            await nc.publish(
+                f"{settings.prefix}.cmd.service.x.scale",
+                b"\xff not json",
+                headers={
+                    "ce-id": "1",
+                    "ce-source": "s",
+                    "ce-type": "io.corral.service.scale",
+                    "ce-specversion": "1.0",
+                },
+            )
             await nc.publish(f"{settings.prefix}.cmd.oops", b"{}")
-            rejected = await eventually(lambda: len(recorder.matching(".rejected")) == 2
-                                        and recorder.matching(".rejected"))
+            rejected = await eventually(
+                lambda: len(recorder.matching(".rejected")) == 2 and recorder.matching(".rejected")
+            )
             reasons = sorted(data["reason"] for _, _, data in rejected)
             assert any("not valid JSON" in r for r in reasons)
             assert any("is not" in r and "cmd.<resource>" in r for r in reasons)

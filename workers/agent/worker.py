@@ -4,13 +4,13 @@ runs, restart what exits (with backoff), heartbeat, and report every change."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 
 from faststream.nats import NatsBroker
 
+from corral.bus.lifecycle import Loops
 from corral.bus.store import Mirror
 from corral.schemas.envelope import utcnow
 from corral.schemas.events import ReplicaEvent
@@ -62,7 +62,7 @@ class AgentWorker:
         self._services: dict[str, str] = {}
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.loops = Loops(f"agent {node_id}")
         self._timers: set[asyncio.TimerHandle] = set()
         self._started_at = utcnow()
         self._stopping = False
@@ -89,20 +89,15 @@ class AgentWorker:
         await self.assignments.start()
         for key in list(self.assignments.items):
             self.mark(key.split(".", 1)[1])
-        self._tasks = [
-            asyncio.create_task(self._loop(), name=f"agent:{self.node_id}"),
-            asyncio.create_task(self._heartbeat(), name=f"heartbeat:{self.node_id}"),
-        ]
+        self.loops.spawn(self._loop(), "reconcile")
+        self.loops.spawn(self._heartbeat(), "heartbeat")
 
     async def stop(self) -> None:
         self._stopping = True
         for timer in self._timers:
             timer.cancel()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._wake.set()
+        await self.loops.stop()
         await self.assignments.stop()
         await asyncio.gather(
             *(self._shutdown_replica(r) for r in self.driver.running()), return_exceptions=True
@@ -142,7 +137,7 @@ class AgentWorker:
         self._timers.add(timer)
 
     async def _loop(self) -> None:
-        while True:
+        while self.loops.running:
             await self._wake.wait()
             self._wake.clear()
             batch, self._dirty = self._dirty, set()
@@ -167,12 +162,11 @@ class AgentWorker:
         await self.bus.buckets.nodes.put(self.node_id, status)
 
     async def _heartbeat(self) -> None:
-        while True:
+        while await self.loops.sleep(self.ctx.settings.heartbeat_interval):
             try:
                 await self._heartbeat_once()
             except Exception as exc:
                 log.warning("%s: heartbeat failed: %s", self.node_id, exc)
-            await asyncio.sleep(self.ctx.settings.heartbeat_interval)
 
     # reconcile ----------------------------------------------------------------------------
     async def _reconcile(self, replica: str) -> None:

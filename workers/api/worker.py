@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 
-from faststream import AckPolicy
-from faststream.nats import ConsumerConfig, JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
 
 from corral.bus.codec import decode
 from corral.bus.edge import CommandEdge, headers_of
+from corral.bus.lifecycle import Loops
 from corral.schemas.envelope import utcnow
 from corral.schemas.errors import ConflictError, TemporaryError, UnknownCommand
 from corral.schemas.events import CommandAccepted
@@ -33,29 +37,46 @@ class ApiWorker:
         self.emitter = ctx.emitter("api")
         self.edge = CommandEdge(self.bus, self.emitter, max_deliver=MAX_DELIVER)
         self.batch_size = batch_size
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self.loops = Loops("api")
 
     def register(self, broker: NatsBroker) -> None:
-        names = self.bus.names
-
-        @broker.subscriber(
-            names.all_cmd,
-            stream=JStream(names.cmd_stream, declare=False),
-            durable=f"{names.prefix}-api",
-            pull_sub=PullSub(batch_size=self.batch_size, timeout=0.05, batch=True),
-            ack_policy=AckPolicy.MANUAL,
-            config=ConsumerConfig(ack_wait=10, max_deliver=MAX_DELIVER + 1),
-        )
-        async def on_commands(message: NatsMessage) -> None:
-            # no body parameter: the edge decodes the raw messages itself, so that a payload
-            # FastStream cannot parse is still rejected with a reason instead of vanishing
-            raw = message.raw_message
-            await self.handle_batch(raw if isinstance(raw, list) else [raw])
+        # FastStream 0.7.8's batch pull loop imports nats.errors.TimeoutError, while nats-py's
+        # fetch raises the builtin asyncio.TimeoutError when a pull expires; FastStream then
+        # treats every idle poll as a crash and restarts the loop with growing delays, which
+        # stalled commands for seconds. The api worker therefore pulls with nats-py itself,
+        # inside the FastStream app's lifecycle.
+        return None
 
     async def start(self) -> None:
-        return None
+        names = self.bus.names
+        self._sub = await self.bus.js.pull_subscribe(
+            names.all_cmd,
+            durable=f"{names.prefix}-api",
+            stream=names.cmd_stream,
+            config=ConsumerConfig(ack_wait=10, max_deliver=MAX_DELIVER + 1, max_ack_pending=10_000),
+        )
+        self.loops.spawn(self._consume(), "commands")
 
     async def stop(self) -> None:
-        return None
+        await self.loops.stop()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _consume(self) -> None:
+        assert self._sub is not None
+        while self.loops.running:
+            try:
+                msgs = await self._sub.fetch(self.batch_size, timeout=1.0)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            except Exception as exc:  # a disconnect: the client reconnects; try again soon
+                log.warning("fetching commands failed: %s", exc)
+                await self.loops.sleep(0.5)
+                continue
+            await self.handle_batch(msgs)
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Commands for one service run in order; different services run concurrently."""

@@ -5,7 +5,6 @@ other copies stand by and take over when it stops renewing."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections import defaultdict
@@ -13,6 +12,7 @@ from collections import defaultdict
 from faststream.nats import NatsBroker
 
 from corral.bus.leases import Lease
+from corral.bus.lifecycle import Loops
 from corral.bus.store import Mirror, Versioned
 from corral.schemas.envelope import utcnow
 from corral.schemas.errors import ConflictError
@@ -49,7 +49,7 @@ class DeployerWorker:
         self.lease = Lease(b.leases, f"{ctx.settings.prefix}.deployer", ttl=lease_ttl)
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.loops = Loops("deployer")
         self._announced: dict[str, tuple[int, str]] = {}
         self.services.listen(lambda key, _: self.mark(key))
         self.assignments.listen(self._on_assignment)
@@ -64,17 +64,12 @@ class DeployerWorker:
         for mirror in (self.services, self.assignments, self.replicas, self.nodes, self.status):
             await mirror.start()
         self.lease.start()
-        self._tasks = [
-            asyncio.create_task(self._loop(), name="deployer:reconcile"),
-            asyncio.create_task(self._resync(), name="deployer:resync"),
-        ]
+        self.loops.spawn(self._loop(), "reconcile")
+        self.loops.spawn(self._resync(), "resync")
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        self._wake.set()
+        await self.loops.stop()
         await self.lease.stop()
         for mirror in (self.status, self.nodes, self.replicas, self.assignments, self.services):
             await mirror.stop()
@@ -113,13 +108,12 @@ class DeployerWorker:
                 self.mark(status.name)
 
     async def _resync(self) -> None:
-        while True:
-            await asyncio.sleep(self.ctx.settings.resync_interval)
+        while await self.loops.sleep(self.ctx.settings.resync_interval):
             self._mark_everything()
 
     async def _loop(self) -> None:
         leading = False
-        while True:
+        while self.loops.running:
             if not self.lease.held.is_set():
                 leading = False
                 await self.lease.held.wait()
@@ -139,8 +133,7 @@ class DeployerWorker:
                 except Exception:
                     log.exception("reconcile %s failed; will retry", name)
                     self._dirty.add(name)
-            if self._dirty:
-                await asyncio.sleep(0.2)
+            if self._dirty and await self.loops.sleep(0.2):
                 self._wake.set()
 
     # reconcile ----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class _Proc:
 
 class ProcessDriver:
     name = "process"
-    provides = ("process",)
+    provides: tuple[str, ...] = ("process",)
 
     def __init__(self, log_dir: Path, on_exit: ExitCallback) -> None:
         self.log_dir = log_dir

@@ -1,0 +1,271 @@
+"""The deployer's pure planner: drain, forget and add, from desired and observed state."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from corral.schemas.spec import ServiceSpec
+from corral.schemas.state import (
+    Assignment,
+    ReplicaState,
+    ReplicaStatus,
+    ServiceRecord,
+    Template,
+)
+from corral.workers.deployer.planning import Plan, new_replica_id, plan
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def record(replicas: int = 3, **spec: Any) -> ServiceRecord:
+    fields: dict[str, Any] = {"name": "web", "command": ["serve"], "replicas": replicas}
+    fields.update(spec)
+    return ServiceRecord(
+        spec=ServiceSpec.model_validate(fields), generation=1, command_id="c", updated_at=T0
+    )
+
+
+CURRENT = Template.from_spec(record().spec)
+OLD = Template.from_spec(record(command=["serve", "--old"]).spec)
+
+
+def assign(
+    replica: str,
+    node: str = "n1",
+    *,
+    template: Template = CURRENT,
+    draining: bool = False,
+    age: int = 0,
+) -> Assignment:
+    """`age` in seconds before now: a larger age is an older replica."""
+    return Assignment(
+        replica=replica,
+        service="web",
+        node=node,
+        generation=1,
+        template=template,
+        assigned_at=T0 - timedelta(seconds=age),
+        draining=draining,
+    )
+
+
+def status(replica: str, state: ReplicaState, node: str = "n1") -> ReplicaStatus:
+    return ReplicaStatus(
+        replica=replica, service="web", node=node, generation=1, state=state, updated_at=T0
+    )
+
+
+def running(*assignments: Assignment) -> dict[str, ReplicaStatus]:
+    return {a.replica: status(a.replica, ReplicaState.RUNNING, a.node) for a in assignments}
+
+
+def names(assignments: list[Assignment]) -> list[str]:
+    return [a.replica for a in assignments]
+
+
+def test_new_replica_id_is_prefixed_and_unique() -> None:
+    ids = {new_replica_id("web") for _ in range(200)}
+    assert len(ids) == 200
+    for replica in ids:
+        assert replica.startswith("web-")
+        assert len(replica) == len("web-") + 5
+
+
+def test_steady_state_is_an_empty_plan() -> None:
+    current = [assign("a"), assign("b"), assign("c")]
+    result = plan(record(3), current, running(*current))
+    assert result.empty
+    assert result.template == CURRENT
+
+
+def test_plan_empty_property() -> None:
+    assert Plan().empty
+    assert not Plan(add=1).empty
+    assert not Plan(drain=[assign("a")]).empty
+    assert not Plan(forget=[assign("a")]).empty
+
+
+def test_scale_up_from_nothing() -> None:
+    result = plan(record(3), [], {})
+    assert result.add == 3
+    assert result.drain == []
+    assert result.template == CURRENT
+
+
+def test_scale_up_adds_the_difference() -> None:
+    current = [assign("a")]
+    result = plan(record(4), current, running(*current))
+    assert result.add == 3
+    assert result.drain == []
+
+
+def test_scale_down_drains_the_surplus() -> None:
+    current = [assign("a", age=3), assign("b", age=2), assign("c", age=1), assign("d", age=0)]
+    result = plan(record(1), current, running(*current))
+    assert result.add == 0
+    assert len(result.drain) == 3
+    # newest first when nothing else tells them apart
+    assert names(result.drain) == ["d", "c", "b"]
+
+
+def test_scale_to_zero_drains_everything() -> None:
+    current = [assign("a"), assign("b")]
+    result = plan(record(0), current, running(*current))
+    assert sorted(names(result.drain)) == ["a", "b"]
+    assert result.add == 0
+
+
+@pytest.mark.parametrize(
+    "state",
+    [ReplicaState.STARTING, ReplicaState.FAILED, ReplicaState.EXITED, None],
+)
+def test_scale_down_prefers_replicas_that_are_not_running(state: ReplicaState | None) -> None:
+    # the not-running one is the oldest and on the least crowded node, and still goes first
+    current = [
+        assign("idle", node="n2", age=100),
+        assign("a", node="n1", age=1),
+        assign("b", node="n1", age=0),
+    ]
+    statuses = running(current[1], current[2])
+    if state is not None:
+        statuses["idle"] = status("idle", state, "n2")
+    result = plan(record(2), current, statuses)
+    assert names(result.drain) == ["idle"]
+
+
+def test_scale_down_then_prefers_the_most_crowded_node() -> None:
+    current = [
+        assign("x1", node="n1", age=0),
+        assign("y1", node="n2", age=5),
+        assign("y2", node="n2", age=6),
+        assign("y3", node="n2", age=7),
+    ]
+    result = plan(record(2), current, running(*current))
+    # n2 holds three, so both go from n2, newest first, although x1 is the newest overall
+    assert names(result.drain) == ["y1", "y2"]
+
+
+def test_scale_down_newest_first_with_sub_second_times() -> None:
+    older = assign("older")
+    newer = older.model_copy(
+        update={"replica": "newer", "assigned_at": T0 + timedelta(microseconds=500_000)}
+    )
+    result = plan(record(1), [older, newer], running(older, newer))
+    assert names(result.drain) == ["newer"]
+
+
+def test_template_change_drains_stale_and_adds_fresh() -> None:
+    current = [assign("a", template=OLD), assign("b", template=OLD), assign("c", template=OLD)]
+    result = plan(record(3), current, running(*current))
+    assert sorted(names(result.drain)) == ["a", "b", "c"]
+    assert result.add == 3
+    assert result.template == CURRENT
+
+
+def test_template_change_keeps_fresh_replicas() -> None:
+    current = [assign("old", template=OLD), assign("new1"), assign("new2")]
+    result = plan(record(3), current, running(*current))
+    assert names(result.drain) == ["old"]
+    assert result.add == 1
+
+
+def test_replicas_and_labels_are_not_part_of_the_template() -> None:
+    current = [assign("a"), assign("b")]
+    result = plan(record(2, labels={"team": "x"}), current, running(*current))
+    assert result.empty
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"env": {"A": "1"}},
+        {"resources": {"cpu": "500m"}},
+        {"ports": ["http"], "command": ["serve", "${PORT}"]},
+        {"stop_grace_period": 1.0},
+    ],
+)
+def test_any_runtime_change_makes_replicas_stale(change: dict[str, Any]) -> None:
+    current = [assign("a"), assign("b")]
+    result = plan(record(2, **change), current, running(*current))
+    assert sorted(names(result.drain)) == ["a", "b"]
+    assert result.add == 2
+
+
+def test_template_change_with_scale_down() -> None:
+    current = [assign("old", template=OLD), assign("n1", age=1), assign("n2", age=0)]
+    result = plan(record(1), current, running(*current))
+    assert names(result.drain) == ["old", "n2"]
+    assert result.add == 0
+
+
+def test_deleted_service_drains_everything_active() -> None:
+    current = [assign("a"), assign("b", template=OLD)]
+    gone = assign("gone", draining=True)
+    result = plan(None, [*current, gone], running(*current))
+    assert sorted(names(result.drain)) == ["a", "b"]
+    assert names(result.forget) == ["gone"]
+    assert result.add == 0
+    assert result.template is None
+
+
+def test_deleted_service_with_nothing_left_is_empty() -> None:
+    assert plan(None, [], {}).empty
+
+
+def test_draining_replicas_never_count_toward_current() -> None:
+    current = [assign("a"), assign("b")]
+    leaving = assign("leaving", draining=True)
+    statuses = running(*current, leaving)
+    result = plan(record(3), [*current, leaving], statuses)
+    assert result.add == 1
+    assert result.drain == []
+    assert result.forget == []
+
+
+def test_draining_replicas_are_not_drained_again() -> None:
+    leaving = [assign("l1", draining=True), assign("l2", draining=True, template=OLD)]
+    statuses = {a.replica: status(a.replica, ReplicaState.STOPPING) for a in leaving}
+    result = plan(record(0), leaving, statuses)
+    assert result.empty
+
+
+@pytest.mark.parametrize(
+    ("state", "forgotten"),
+    [
+        (None, True),
+        (ReplicaState.STOPPED, True),
+        (ReplicaState.STOPPING, False),
+        (ReplicaState.RUNNING, False),
+        (ReplicaState.STARTING, False),
+    ],
+)
+def test_draining_replica_is_forgotten_once_stopped_or_gone(
+    state: ReplicaState | None, forgotten: bool
+) -> None:
+    leaving = assign("leaving", draining=True)
+    statuses = {} if state is None else {"leaving": status("leaving", state)}
+    result = plan(record(0), [leaving], statuses)
+    assert names(result.forget) == (["leaving"] if forgotten else [])
+
+
+def test_draining_replica_on_a_dead_node_is_forgotten() -> None:
+    on_dead = assign("a", node="dead", draining=True)
+    on_live = assign("b", node="live", draining=True)
+    statuses = {
+        "a": status("a", ReplicaState.RUNNING, "dead"),
+        "b": status("b", ReplicaState.RUNNING, "live"),
+    }
+    result = plan(record(0), [on_dead, on_live], statuses, live_nodes={"live"})
+    assert names(result.forget) == ["a"]
+    # without a view of live nodes nothing is assumed dead
+    assert plan(record(0), [on_dead, on_live], statuses).forget == []
+
+
+def test_active_replicas_on_dead_nodes_are_not_forgotten() -> None:
+    current = [assign("a", node="dead")]
+    result = plan(record(1), current, running(*current), live_nodes=set())
+    assert result.forget == []
+    assert result.drain == []
