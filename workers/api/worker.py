@@ -16,10 +16,11 @@ from nats.js.api import ConsumerConfig
 from corral.bus.codec import decode
 from corral.bus.edge import CommandEdge, headers_of
 from corral.bus.lifecycle import Loops
+from corral.bus.store import Versioned
 from corral.schemas.envelope import utcnow
 from corral.schemas.errors import ConflictError, TemporaryError, UnknownCommand
 from corral.schemas.events import CommandAccepted
-from corral.schemas.state import CommandSeen
+from corral.schemas.state import CommandSeen, ServiceRecord
 from corral.workers.api.applying import Command, apply, parse_command
 from corral.workers.runtime import Context
 
@@ -99,20 +100,28 @@ class ApiWorker:
         event = decode(headers_of(msg), msg.data)
         command = parse_command(*parsed, event)
         buckets = self.bus.buckets
-        seen = await buckets.commands.get(command.id)
+        # round trips are the cost here: read both at once, write both at once
+        seen, current = await asyncio.gather(
+            buckets.commands.get(command.id), buckets.services.get(command.name)
+        )
         if seen is not None:
             await self._accepted(command, seen.value.generation, changed=False, duplicate=True)
             return
-        generation, changed = await self._write(command)
-        await buckets.commands.put(
-            command.id, CommandSeen(outcome="accepted", generation=generation)
+        generation, changed = await self._write(command, current)
+        await asyncio.gather(
+            buckets.commands.put(
+                command.id, CommandSeen(outcome="accepted", generation=generation)
+            ),
+            self._accepted(command, generation, changed=changed, duplicate=False),
         )
-        await self._accepted(command, generation, changed=changed, duplicate=False)
 
-    async def _write(self, command: Command) -> tuple[int, bool]:
+    async def _write(
+        self, command: Command, current: Versioned[ServiceRecord] | None
+    ) -> tuple[int, bool]:
         services = self.bus.buckets.services
-        for _ in range(CAS_ATTEMPTS):
-            current = await services.get(command.name)
+        for attempt in range(CAS_ATTEMPTS):
+            if attempt:
+                current = await services.get(command.name)
             outcome = apply(command, current.value if current else None, utcnow())
             generation = outcome.record.generation
             try:
