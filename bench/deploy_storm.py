@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ class Host:
             self.started.append(worker)
         return ctx
 
-    async def start_more(self, workers: list[Worker], concurrency: int = 25) -> None:
+    async def start_more(self, workers: Sequence[Worker], concurrency: int = 25) -> None:
         """Workers with no subscribers (agents): start them a few at a time."""
         for i in range(0, len(workers), concurrency):
             chunk = workers[i : i + concurrency]
