@@ -78,13 +78,17 @@ class Bucket(Generic[T]):
     async def items(self, prefix: str = ">") -> dict[str, Versioned[T]]:
         """A one-off snapshot of every live key under `prefix` (`a.>`), or all with `>`."""
         out: dict[str, Versioned[T]] = {}
-        watcher = await self.kv.watch(prefix, ignore_deletes=True)
+        watcher = await self.kv.watch(prefix)
         try:
+            if await _watch_is_empty(watcher):
+                return out
             while True:
                 entry = await watcher.updates(timeout=10.0)
                 if entry is None:
-                    break
-                if entry.value and entry.revision is not None:
+                    continue  # nats-py's "caught up" marker can overtake entries: not trusted
+                if entry.operation in _DELETES or not entry.value:
+                    out.pop(entry.key, None)
+                elif entry.revision is not None:
                     with contextlib.suppress(ValidationError):
                         out[entry.key] = Versioned(self.decode(entry.value), entry.revision)
                 if entry.delta == 0:
@@ -92,6 +96,17 @@ class Bucket(Generic[T]):
         finally:
             await watcher.stop()
         return out
+
+
+async def _watch_is_empty(watcher: KeyValue.KeyWatcher) -> bool:
+    """True when the watch has nothing to deliver. nats-py's initial None marker may arrive
+    before entries already in flight (nats-io/nats.py#842), so the consumer is asked instead:
+    what it delivered so far plus what is still pending."""
+    subscription = watcher._sub
+    if subscription is None:
+        return False
+    info = await subscription.consumer_info()
+    return int(info.num_pending or 0) + int(info.delivered.consumer_seq or 0) == 0
 
 
 Listener = Callable[[str, "Versioned[T] | None"], Awaitable[None] | None]
@@ -127,6 +142,8 @@ class Mirror(Generic[T]):
 
     async def start(self, sync_within: float = 30.0) -> None:
         self._watcher = await self.bucket.kv.watch(self.prefix)
+        if await _watch_is_empty(self._watcher):
+            self.synced.set()
         self._task = asyncio.create_task(self._run(), name=f"mirror:{self.bucket.name}")
         await asyncio.wait_for(self.synced.wait(), sync_within)
 
@@ -153,35 +170,34 @@ class Mirror(Generic[T]):
         assert self._watcher is not None
         async for entry in self._watcher:
             if entry is None:
-                self.synced.set()
-                continue
-            key = entry.key
-            item: Versioned[T] | None = None
-            if entry.operation in _DELETES or not entry.value:
-                current = self.items.get(key)
-                if (
-                    current is not None
-                    and entry.revision is not None
-                    and (current.revision > entry.revision)
-                ):
-                    continue
-                self.items.pop(key, None)
-            else:
-                try:
-                    item = Versioned(self.bucket.decode(entry.value), entry.revision or 0)
-                except ValidationError as exc:
-                    log.warning("skipping unreadable %s/%s: %s", self.bucket.name, key, exc)
-                    continue
-                current = self.items.get(key)
-                if current is not None and current.revision > item.revision:
-                    continue
-                self.items[key] = item
+                continue  # not trusted (see _watch_is_empty); an entry with delta 0 is
+            changed, item = self._apply(entry)
             if entry.delta == 0:
                 self.synced.set()
+            if not changed:
+                continue
             for listener in self._listeners:
                 try:
-                    result = listener(key, item)
+                    result = listener(entry.key, item)
                     if result is not None:
                         await result
                 except Exception:
-                    log.exception("listener failed on %s/%s", self.bucket.name, key)
+                    log.exception("listener failed on %s/%s", self.bucket.name, entry.key)
+
+    def _apply(self, entry: KeyValue.Entry) -> tuple[bool, Versioned[T] | None]:
+        """Fold one watched entry into `items`; False when it is older than what we hold."""
+        key = entry.key
+        current = self.items.get(key)
+        revision = entry.revision or 0
+        if current is not None and current.revision >= revision:
+            return False, None  # the echo of our own write, or older: nothing new
+        if entry.operation in _DELETES or not entry.value:
+            self.items.pop(key, None)
+            return True, None
+        try:
+            item = Versioned(self.bucket.decode(entry.value), revision)
+        except ValidationError as exc:
+            log.warning("skipping unreadable %s/%s: %s", self.bucket.name, key, exc)
+            return False, None
+        self.items[key] = item
+        return True, item

@@ -318,3 +318,25 @@ def test_property_spread_is_even_from_equal_counts(seed: int) -> None:
         totals = [start + solution.per_node.get(n.id, 0) for n in eligible]
         assert sum(totals) - start * len(eligible) == req.count
         assert max(totals) - min(totals) <= 1
+
+
+def test_ties_go_to_nodes_other_services_left_empty() -> None:
+    """Spreading two 2-replica services over 4 nodes uses all 4, not the same 2 twice."""
+    nodes = [
+        NodeView(id=f"n{i}", labels={}, capacity={"cpu": 8}, allocated={}, total=total)
+        for i, total in enumerate([1, 0, 1, 0])
+    ]
+    result = solve(request(2), nodes)
+    assert result.per_node == {"n1": 1, "n3": 1}
+
+
+def test_many_services_cover_every_node() -> None:
+    totals = dict.fromkeys((f"n{i:03d}" for i in range(20)), 0)
+    for _ in range(10):
+        nodes = [
+            NodeView(id=node_id, labels={}, capacity={"cpu": 64}, allocated={}, total=total)
+            for node_id, total in totals.items()
+        ]
+        for node_id, count in solve(request(10), nodes).per_node.items():
+            totals[node_id] += count
+    assert set(totals.values()) == {5}

@@ -16,7 +16,7 @@ from corral.schemas.envelope import utcnow
 from corral.schemas.events import ReplicaEvent
 from corral.schemas.spec import Resources
 from corral.schemas.state import Assignment, NodeStatus, ReplicaState, ReplicaStatus
-from corral.workers.agent.drivers.base import Driver, DriverError, Launch
+from corral.workers.agent.drivers.base import Driver, DriverError, Launch, Started
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ class _Replica:
     failures: int = 0
     not_before: float = 0.0
     started_at: float = 0.0
+    started: Started | None = None
+    """set while the replica runs but its `running` status is not yet written"""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -180,6 +182,8 @@ class AgentWorker:
                 self._services[replica] = assignment.service
                 if not running:
                     await self._start(assignment, state)
+                elif state.started is not None:
+                    await self._report_running(assignment, state)  # an earlier write failed
                 return
             if assignment is not None:
                 # draining: stop it, say so with the command that asked, then drop the status
@@ -240,6 +244,12 @@ class AgentWorker:
             self._mark_later(assignment.replica, delay)
             return
         state.started_at = time.monotonic()
+        state.started = started
+        await self._report_running(assignment, state)
+
+    async def _report_running(self, assignment: Assignment, state: _Replica) -> None:
+        started = state.started
+        assert started is not None
         await self._report(
             assignment,
             ReplicaState.RUNNING,
@@ -248,6 +258,7 @@ class AgentWorker:
             event="started",
             restarts=state.restarts,
         )
+        state.started = None
 
     def _backoff(self, state: _Replica) -> float:
         delay = float(min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** max(0, state.failures - 1)))

@@ -276,12 +276,9 @@ class DeployerWorker:
         ):
             revision = await bucket.put(name, status)
             self.status.note_written(name, status, revision)
+        active = {a.replica for a in self.by_service.get(name, {}).values() if not a.draining}
         running = sum(
-            1
-            for s in statuses.values()
-            if s.state == ReplicaState.RUNNING
-            and s.replica
-            in {a.replica for a in self.by_service.get(name, {}).values() if not a.draining}
+            1 for s in statuses.values() if s.state == ReplicaState.RUNNING and s.replica in active
         )
         if pending:
             await self._announce(name, record, "unschedulable", desired, assigned, pending, reason)

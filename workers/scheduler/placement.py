@@ -23,6 +23,8 @@ class NodeView:
     drivers: tuple[str, ...] = ("process",)
     ready: bool = True
     count: int = 0
+    total: int = 0
+    """replicas of every service on this node: spreads ties across services"""
     """replicas of the service being placed that already run here"""
 
 
@@ -83,7 +85,10 @@ def solve(request: ClassRequest, nodes: list[NodeView]) -> Solution:
     eligible = ready & has_driver & selector
     slots = np.where(eligible, slots, 0)
     counts = np.fromiter((node.count for node in nodes), np.int64, n)
-    take = _water_fill(counts, slots, request.count)
+    totals = np.fromiter((node.total for node in nodes), np.int64, n)
+    # ties go to the least loaded nodes first (stable: then by position, i.e. node id)
+    order = np.lexsort((np.arange(n), totals))
+    take = _water_fill(counts, slots, request.count, order)
     placed = int(take.sum())
     per_node = {nodes[i].id: int(take[i]) for i in np.flatnonzero(take)}
     why = {
@@ -127,12 +132,15 @@ def solve(request: ClassRequest, nodes: list[NodeView]) -> Solution:
 
 
 def _water_fill(
-    counts: npt.NDArray[np.int64], slots: npt.NDArray[np.int64], k: int
+    counts: npt.NDArray[np.int64],
+    slots: npt.NDArray[np.int64],
+    k: int,
+    order: npt.NDArray[np.intp] | None = None,
 ) -> npt.NDArray[np.int64]:
     """Add up to k replicas, raising the lowest per-node counts first (spread), within slots.
 
     Finds the highest level L such that filling every node up to L needs at most k replicas,
-    then hands the rest out one per node at level L, in node order.
+    then hands the rest out one per node at level L, least loaded first (`order`).
     """
     capacity = int(np.minimum(slots, UNLIMITED).sum())
     k = min(k, capacity)
@@ -154,6 +162,7 @@ def _water_fill(
     rest = k - int(take.sum())
     if rest > 0:
         room = (counts + take == lo) & (take < slots)
-        for index in np.flatnonzero(room)[:rest]:
+        ranked = np.arange(len(counts)) if order is None else order
+        for index in ranked[room[ranked]][:rest]:
             take[index] += 1
     return take.astype(np.int64)

@@ -38,6 +38,7 @@ class SchedulerWorker:
         self._known: dict[str, Assignment] = {}
         self.allocated: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.counts: dict[tuple[str, str], int] = defaultdict(int)
+        self.totals: dict[str, int] = defaultdict(int)
         self.reserved: dict[str, tuple[float, Assignment]] = {}
 
     def register(self, broker: NatsBroker) -> None:
@@ -62,6 +63,7 @@ class SchedulerWorker:
         for resource, amount in assignment.template.resources.as_dict().items():
             alloc[resource] += sign * amount
         self.counts[(assignment.service, assignment.node)] += sign
+        self.totals[assignment.node] += sign
 
     def _on_assignment(self, key: str, item: Versioned[Assignment] | None) -> None:
         previous = self._known.pop(key, None)
@@ -93,6 +95,7 @@ class SchedulerWorker:
                 drivers=tuple(node.drivers),
                 ready=node_ready(node, grace, now),
                 count=self.counts.get((request.service, node.id), 0),
+                total=self.totals.get(node.id, 0),
             )
             for node in sorted(self.nodes.values(), key=lambda n: n.id)
         ]
