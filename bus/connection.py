@@ -26,7 +26,6 @@ from corral.bus.settings import Settings
 from corral.bus.store import Bucket
 from corral.schemas.state import (
     Assignment,
-    CommandSeen,
     NodeStatus,
     ReplicaStatus,
     ServiceRecord,
@@ -44,7 +43,6 @@ class Buckets:
     assignments: Bucket[Assignment]
     replicas: Bucket[ReplicaStatus]
     nodes: Bucket[NodeStatus]
-    commands: Bucket[CommandSeen]
     leases: KeyValue
 
 
@@ -136,7 +134,6 @@ class Bus:
             self._bucket(n.assignments),
             self._bucket(n.replicas),
             self._bucket(n.nodes, ttl=3600.0),
-            self._bucket(n.commands_seen, ttl=DAY),
             self._bucket(n.leases),
         )
         self._buckets = Buckets(
@@ -145,8 +142,7 @@ class Bus:
             assignments=Bucket(kvs[2], Assignment),
             replicas=Bucket(kvs[3], ReplicaStatus),
             nodes=Bucket(kvs[4], NodeStatus),
-            commands=Bucket(kvs[5], CommandSeen),
-            leases=kvs[6],
+            leases=kvs[5],
         )
 
     async def _stream(self, config: StreamConfig) -> None:

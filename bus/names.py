@@ -44,10 +44,6 @@ class Names:
         return f"{self.prefix}-nodes"
 
     @property
-    def commands_seen(self) -> str:
-        return f"{self.prefix}-commands"
-
-    @property
     def leases(self) -> str:
         return f"{self.prefix}-leases"
 

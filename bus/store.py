@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
@@ -20,6 +21,7 @@ from corral.schemas.errors import ConflictError
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
 _DELETES = ("DEL", "PURGE")
+SETTLE = 0.05
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,14 @@ class Bucket(Generic[T]):
     async def items(self, prefix: str = ">") -> dict[str, Versioned[T]]:
         """A one-off snapshot of every live key under `prefix` (`a.>`), or all with `>`."""
         out: dict[str, Versioned[T]] = {}
+
+        def take(entry: KeyValue.Entry) -> None:
+            if entry.operation in _DELETES or not entry.value:
+                out.pop(entry.key, None)
+            elif entry.revision is not None:
+                with contextlib.suppress(ValidationError):
+                    out[entry.key] = Versioned(self.decode(entry.value), entry.revision)
+
         watcher = await self.kv.watch(prefix)
         try:
             if await _watch_is_empty(watcher):
@@ -86,13 +96,19 @@ class Bucket(Generic[T]):
                 entry = await watcher.updates(timeout=10.0)
                 if entry is None:
                     continue  # nats-py's "caught up" marker can overtake entries: not trusted
-                if entry.operation in _DELETES or not entry.value:
-                    out.pop(entry.key, None)
-                elif entry.revision is not None:
-                    with contextlib.suppress(ValidationError):
-                        out[entry.key] = Versioned(self.decode(entry.value), entry.revision)
+                take(entry)
                 if entry.delta == 0:
                     break
+            # a key rewritten while we read can be skipped (it is no longer its own last
+            # message) and arrive just after "nothing pending": take what is still in flight
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=SETTLE)
+                except (TimeoutError, NatsTimeoutError):
+                    break
+                if entry is None:
+                    continue
+                take(entry)
         finally:
             await watcher.stop()
         return out

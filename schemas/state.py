@@ -25,6 +25,11 @@ class ServiceRecord(Record):
     deleted: bool = Field(
         default=False, description="a tombstone: the service is being, or has been, removed"
     )
+    recent_commands: list[str] = Field(
+        default_factory=list,
+        description="ids of the last commands that changed this record, oldest first, so that "
+        "a re-sent or redelivered command acts once",
+    )
 
 
 class Template(Record):
@@ -107,10 +112,3 @@ class ServiceStatus(Record):
     pending: int = 0
     reason: str = ""
     updated_at: datetime
-
-
-class CommandSeen(Record):
-    """Marks a command id as applied, so a re-sent command acts once. Owner: the api worker."""
-
-    outcome: str
-    generation: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +13,7 @@ from corral.schemas.envelope import CloudEvent
 from corral.schemas.errors import InvalidInput, NotFound, UnknownCommand
 from corral.schemas.spec import ServiceSpec
 from corral.schemas.state import ServiceRecord
-from corral.workers.api.applying import Command, apply, parse_command
+from corral.workers.api.applying import RECENT_COMMANDS, Command, apply, fold, parse_command
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 SPEC: dict[str, Any] = {"command": ["serve", "${PORT}"], "ports": ["http"], "replicas": 2}
@@ -258,3 +259,53 @@ def test_generation_keeps_rising_across_a_history() -> None:
         (4, True),
         (5, True),
     ]
+
+
+def _cmd(verb: str, data: object, name: str = "web", cid: str | None = None) -> Command:
+    payload = {"replicas": data} if verb == "scale" else data
+    event = CloudEvent(
+        id=cid or uuid.uuid4().hex, source="t", type=f"io.corral.service.{verb}", data=payload
+    )
+    return parse_command("service", name, verb, event)
+
+
+def test_fold_applies_a_group_in_order_and_writes_once() -> None:
+    now = datetime.now(UTC)
+    deploy = _cmd("deploy", {"command": ["sleep", "1"], "replicas": 1})
+    record, results = fold([deploy, _cmd("scale", 5), _cmd("scale", 1)], None, now)
+    assert record is not None
+    assert record.spec.replicas == 1
+    assert record.generation == 3
+    assert [r.generation for r in results] == [1, 2, 3]
+    assert all(r.changed and r.error is None for r in results)
+    assert len(record.recent_commands) == 3
+
+
+def test_fold_answers_a_repeated_command_without_applying_it_again() -> None:
+    now = datetime.now(UTC)
+    deploy = _cmd("deploy", {"command": ["sleep", "1"], "replicas": 1})
+    scale = _cmd("scale", 4, cid="same-id")
+    record, _ = fold([deploy, scale], None, now)
+    assert record is not None
+    again, results = fold([_cmd("scale", 4, cid="same-id")], record, now)
+    assert again is None  # nothing to write
+    assert results[0].duplicate
+    assert results[0].generation == record.generation
+
+
+def test_fold_rejects_without_stopping_the_group() -> None:
+    now = datetime.now(UTC)
+    record, results = fold([_cmd("scale", 3), _cmd("deploy", {"command": ["true"]})], None, now)
+    assert isinstance(results[0].error, NotFound)
+    assert results[1].error is None
+    assert record is not None
+    assert record.generation == 1
+
+
+def test_fold_remembers_a_bounded_number_of_commands() -> None:
+    now = datetime.now(UTC)
+    record, _ = fold([_cmd("deploy", {"command": ["true"], "replicas": 0})], None, now)
+    for count in range(1, RECENT_COMMANDS + 10):
+        record, _ = fold([_cmd("scale", count)], record, now)
+    assert record is not None
+    assert len(record.recent_commands) == RECENT_COMMANDS

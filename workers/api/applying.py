@@ -10,7 +10,13 @@ from pydantic import BaseModel, ValidationError
 
 from corral.schemas.commands import COMMANDS, ScaleCommand, command_type
 from corral.schemas.envelope import CloudEvent
-from corral.schemas.errors import InvalidInput, NotFound, UnknownCommand, field_errors_from_pydantic
+from corral.schemas.errors import (
+    InvalidInput,
+    NotFound,
+    RejectedError,
+    UnknownCommand,
+    field_errors_from_pydantic,
+)
 from corral.schemas.spec import ServiceSpec
 from corral.schemas.state import ServiceRecord
 
@@ -22,6 +28,10 @@ class Command:
     verb: str
     id: str
     data: BaseModel
+
+
+RECENT_COMMANDS = 64
+"""how many applied command ids a service record remembers, to spot a command sent twice"""
 
 
 @dataclass(frozen=True)
@@ -102,3 +112,43 @@ def apply(command: Command, current: ServiceRecord | None, now: datetime) -> Out
         )
         return Outcome(record, changed=True)
     raise UnknownCommand(f"unknown command {command.resource}.{command.verb}")
+
+
+@dataclass(frozen=True)
+class Result:
+    """What became of one command: accepted (maybe a duplicate), or rejected with `error`."""
+
+    command: Command
+    generation: int = 0
+    changed: bool = False
+    duplicate: bool = False
+    error: RejectedError | None = None
+
+
+def fold(
+    commands: list[Command], current: ServiceRecord | None, now: datetime
+) -> tuple[ServiceRecord | None, list[Result]]:
+    """Apply one service's commands in order, in memory.
+
+    Returns the record to write (None when nothing changed) and a result per command. A
+    command whose id the record remembers is a duplicate: it is answered, not applied again.
+    """
+    record = current
+    changed = False
+    results: list[Result] = []
+    for command in commands:
+        if record is not None and command.id in record.recent_commands:
+            results.append(Result(command, record.generation, duplicate=True))
+            continue
+        try:
+            outcome = apply(command, record, now)
+        except RejectedError as exc:
+            results.append(Result(command, error=exc))
+            continue
+        if outcome.changed:
+            previous = record.recent_commands if record is not None else []
+            remembered = [*previous, command.id][-RECENT_COMMANDS:]
+            record = outcome.record.model_copy(update={"recent_commands": remembered})
+            changed = True
+        results.append(Result(command, outcome.record.generation, changed=outcome.changed))
+    return (record if changed else None), results

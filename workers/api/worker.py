@@ -1,11 +1,18 @@
-"""The api worker's thin handler: decode, validate, compare-and-set, announce."""
+"""The api worker's thin handler: decode, validate, compare-and-set, announce.
+
+Commands arrive in batches. Each batch is grouped by service; a group is applied in order, in
+memory (`applying.fold`), and written with one compare-and-set per service, pipelined with
+every other write of the batch. The `…accepted` events go out pipelined too, and only then
+are the commands acked. A group whose write loses the race falls back to the one-at-a-time
+path, which reads again and decides again.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
+from typing import Any
 
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
@@ -13,20 +20,22 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
 
-from corral.bus.codec import decode
+from corral.bus.codec import decode, encode
 from corral.bus.edge import CommandEdge, headers_of
 from corral.bus.lifecycle import Loops
-from corral.bus.store import Versioned
-from corral.schemas.envelope import utcnow
+from corral.bus.store import Mirror
+from corral.schemas.envelope import CloudEvent, utcnow
 from corral.schemas.errors import ConflictError, TemporaryError, UnknownCommand
 from corral.schemas.events import CommandAccepted
-from corral.schemas.state import CommandSeen, ServiceRecord
-from corral.workers.api.applying import Command, apply, parse_command
+from corral.schemas.state import ServiceRecord
+from corral.workers.api.applying import Command, Result, fold, parse_command
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
 MAX_DELIVER = 5
 CAS_ATTEMPTS = 8
+BATCH_DEADLINE = 15.0
+Group = list[tuple[Msg, Command]]
 
 
 class ApiWorker:
@@ -38,6 +47,7 @@ class ApiWorker:
         self.emitter = ctx.emitter("api")
         self.edge = CommandEdge(self.bus, self.emitter, max_deliver=MAX_DELIVER)
         self.batch_size = batch_size
+        self.services: Mirror[ServiceRecord] = Mirror(ctx.bus.buckets.services)
         self._sub: JetStreamContext.PullSubscription | None = None
         self.loops = Loops("api")
 
@@ -50,6 +60,7 @@ class ApiWorker:
         return None
 
     async def start(self) -> None:
+        await self.services.start()
         names = self.bus.names
         self._sub = await self.bus.js.pull_subscribe(
             names.all_cmd,
@@ -62,9 +73,12 @@ class ApiWorker:
     async def stop(self) -> None:
         await self.loops.stop()
         if self._sub is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await self._sub.unsubscribe()
+            except Exception as exc:
+                log.debug("unsubscribe: %s", exc)
             self._sub = None
+        await self.services.stop()
 
     async def _consume(self) -> None:
         assert self._sub is not None
@@ -79,79 +93,131 @@ class ApiWorker:
                 continue
             await self.handle_batch(msgs)
 
-    async def handle_batch(self, msgs: list[Msg]) -> None:
-        """Commands for one service run in order; different services run concurrently."""
-        groups: dict[str, list[Msg]] = defaultdict(list)
-        for msg in msgs:
-            parsed = self.bus.names.parse_cmd(msg.subject)
-            groups[f"{parsed[0]}.{parsed[1]}" if parsed else msg.subject].append(msg)
-
-        async def run_group(group: list[Msg]) -> None:
-            for msg in group:
-                await self.edge.run(msg, self.handle)
-
-        await asyncio.gather(*(run_group(group) for group in groups.values()))
-
-    async def handle(self, msg: Msg) -> None:
+    # the batch path ---------------------------------------------------------------------
+    def parse(self, msg: Msg) -> Command:
         parsed = self.bus.names.parse_cmd(msg.subject)
         if parsed is None:
             expected = f"{self.bus.names.prefix}.cmd.<resource>.<name>.<verb>"
             raise UnknownCommand(f"subject {msg.subject!r} is not {expected}")
-        event = decode(headers_of(msg), msg.data)
-        command = parse_command(*parsed, event)
-        buckets = self.bus.buckets
-        # round trips are the cost here: read both at once, write both at once
-        seen, current = await asyncio.gather(
-            buckets.commands.get(command.id), buckets.services.get(command.name)
-        )
-        if seen is not None:
-            await self._accepted(command, seen.value.generation, changed=False, duplicate=True)
-            return
-        generation, changed = await self._write(command, current)
-        await asyncio.gather(
-            buckets.commands.put(
-                command.id, CommandSeen(outcome="accepted", generation=generation)
-            ),
-            self._accepted(command, generation, changed=changed, duplicate=False),
-        )
+        return parse_command(*parsed, decode(headers_of(msg), msg.data))
 
-    async def _write(
-        self, command: Command, current: Versioned[ServiceRecord] | None
-    ) -> tuple[int, bool]:
-        services = self.bus.buckets.services
-        for attempt in range(CAS_ATTEMPTS):
-            if attempt:
-                current = await services.get(command.name)
-            outcome = apply(command, current.value if current else None, utcnow())
-            generation = outcome.record.generation
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        groups: dict[str, Group] = defaultdict(list)
+        one_by_one: list[Msg] = []
+        for msg in msgs:
             try:
-                if not outcome.changed:
-                    return generation, False
-                if current is None:
-                    await services.create(command.name, outcome.record)
-                else:
-                    await services.update(command.name, outcome.record, current.revision)
-                return generation, True
+                command = self.parse(msg)
+            except Exception:
+                one_by_one.append(msg)  # the edge turns the error into its outcome
+                continue
+            groups[command.name].append((msg, command))
+        try:
+            retry = await asyncio.wait_for(self._apply_groups(groups), BATCH_DEADLINE)
+        except Exception as exc:
+            # nothing was acked: every command of the batch is delivered again, and the
+            # services' recent command ids make the ones already applied act once
+            log.warning("batch of %d commands failed, redelivering: %s", len(msgs), exc)
+            await asyncio.gather(
+                *(msg.nak(delay=1.0) for group in groups.values() for msg, _ in group),
+                return_exceptions=True,
+            )
+            retry = []
+        for msg in one_by_one:
+            await self.edge.run(msg, self.handle)
+        for group in retry:
+            for msg, _ in group:
+                await self.edge.run(msg, self.handle)
+
+    async def _apply_groups(self, groups: dict[str, Group]) -> list[Group]:
+        """Returns the groups whose compare-and-set lost, for the one-at-a-time path."""
+        js = self.bus.js
+        now = utcnow()
+        bucket = self.bus.names.services
+        planned: list[
+            tuple[str, list[tuple[Msg, Command]], ServiceRecord | None, list[Result]]
+        ] = []
+        writes: dict[str, Any] = {}
+        for name, group in groups.items():
+            current = self.services.items.get(name)
+            record, results = fold([c for _, c in group], current.value if current else None, now)
+            planned.append((name, group, record, results))
+            if record is not None:
+                expected = str(current.revision if current else 0)
+                writes[name] = await js.publish_async(
+                    f"$KV.{bucket}.{name}",
+                    record.model_dump_json().encode(),
+                    headers={"Nats-Expected-Last-Subject-Sequence": expected},
+                )
+        acks = dict(
+            zip(writes, await asyncio.gather(*writes.values(), return_exceptions=True), strict=True)
+        )
+        retry: list[Group] = []
+        announced: list[Any] = []
+        settled: list[tuple[Msg, Result]] = []
+        for name, group, record, results in planned:
+            ack = acks.get(name)
+            if isinstance(ack, BaseException):
+                retry.append(group)  # lost the race (or the write failed): decide again
+                continue
+            if record is not None and ack is not None:
+                self.services.note_written(name, record, int(ack.seq))
+            for (msg, _), result in zip(group, results, strict=True):
+                if result.error is None:
+                    subject, event = self._accepted_event(result)
+                    headers, payload = encode(event)
+                    announced.append(await js.publish_async(subject, payload, headers=headers))
+                settled.append((msg, result))
+        await asyncio.gather(*announced)
+        for msg, result in settled:
+            if result.error is not None:
+                await self.edge.reject(
+                    msg, result.error.reason_code, result.error.reason, result.error.errors
+                )
+            await msg.ack()
+        return retry
+
+    # the one-at-a-time path ---------------------------------------------------------------
+    async def handle(self, msg: Msg) -> None:
+        command = self.parse(msg)
+        services = self.bus.buckets.services
+        for _ in range(CAS_ATTEMPTS):
+            current = await services.get(command.name)
+            record, [result] = fold([command], current.value if current else None, utcnow())
+            if result.error is not None:
+                raise result.error
+            try:
+                if record is not None:
+                    revision = await (
+                        services.update(command.name, record, current.revision)
+                        if current is not None
+                        else services.create(command.name, record)
+                    )
+                    self.services.note_written(command.name, record, revision)
             except ConflictError:
                 continue  # somebody else wrote: read again and decide again
+            subject, event = self._accepted_event(result)
+            headers, payload = encode(event)
+            await self.bus.js.publish(subject, payload, headers=headers)
+            return
         raise TemporaryError(f"service {command.name!r} kept changing under us", delay=0.5)
 
-    async def _accepted(
-        self, command: Command, generation: int, *, changed: bool, duplicate: bool
-    ) -> None:
+    def _accepted_event(self, result: Result) -> tuple[str, CloudEvent]:
+        command = result.command
         data = CommandAccepted(
             command=command.verb,
             command_id=command.id,
             name=command.name,
-            generation=generation,
-            changed=changed,
-            duplicate=duplicate,
+            generation=result.generation,
+            changed=result.changed,
+            duplicate=result.duplicate,
         )
-        await self.emitter.emit(
+        # the first answer has a fixed id, so a redelivered command's answer is deduplicated;
+        # the answer to a command sent twice is an event of its own
+        return self.emitter.build(
             command.resource,
             command.name,
             "accepted",
             data,
             correlation=command.id,
-            event_id=f"{command.id}.accepted" if not duplicate else None,
+            event_id=None if result.duplicate else f"{command.id}.accepted",
         )
