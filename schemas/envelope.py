@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SPECVERSION = "1.0"
+_SPACE = re.compile(r"\s")
 
 
 def new_id() -> str:
@@ -45,6 +47,6 @@ class CloudEvent(BaseModel):
     @field_validator("id")
     @classmethod
     def _id_chars(cls, value: str) -> str:
-        if any(ch.isspace() for ch in value):
+        if _SPACE.search(value):
             raise ValueError("id must not contain white space")
         return value
