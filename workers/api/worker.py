@@ -23,7 +23,7 @@ from nats.js.api import ConsumerConfig
 from corral.bus.codec import decode, encode
 from corral.bus.edge import CommandEdge, headers_of
 from corral.bus.lifecycle import Loops
-from corral.bus.store import Mirror
+from corral.bus.store import Versioned
 from corral.schemas.envelope import CloudEvent, utcnow
 from corral.schemas.errors import ConflictError, TemporaryError, UnknownCommand
 from corral.schemas.events import CommandAccepted
@@ -47,7 +47,9 @@ class ApiWorker:
         self.emitter = ctx.emitter("api")
         self.edge = CommandEdge(self.bus, self.emitter, max_deliver=MAX_DELIVER)
         self.batch_size = batch_size
-        self.services: Mirror[ServiceRecord] = Mirror(ctx.bus.buckets.services)
+        # what this worker last read or wrote of each service: a hint, never the truth. The
+        # compare-and-set decides; a stale entry only costs a conflict and a fresh read.
+        self.known: dict[str, Versioned[ServiceRecord] | None] = {}
         self._sub: JetStreamContext.PullSubscription | None = None
         self.loops = Loops("api")
 
@@ -60,7 +62,6 @@ class ApiWorker:
         return None
 
     async def start(self) -> None:
-        await self.services.start()
         names = self.bus.names
         self._sub = await self.bus.js.pull_subscribe(
             names.all_cmd,
@@ -78,7 +79,6 @@ class ApiWorker:
             except Exception as exc:
                 log.debug("unsubscribe: %s", exc)
             self._sub = None
-        await self.services.stop()
 
     async def _consume(self) -> None:
         assert self._sub is not None
@@ -137,8 +137,12 @@ class ApiWorker:
             tuple[str, list[tuple[Msg, Command]], ServiceRecord | None, list[Result]]
         ] = []
         writes: dict[str, Any] = {}
+        missing = [name for name in groups if name not in self.known]
+        if missing:
+            found = await asyncio.gather(*(self.bus.buckets.services.get(n) for n in missing))
+            self.known.update(zip(missing, found, strict=True))
         for name, group in groups.items():
-            current = self.services.items.get(name)
+            current = self.known[name]
             record, results = fold([c for _, c in group], current.value if current else None, now)
             planned.append((name, group, record, results))
             if record is not None:
@@ -157,10 +161,11 @@ class ApiWorker:
         for name, group, record, results in planned:
             ack = acks.get(name)
             if isinstance(ack, BaseException):
+                self.known.pop(name, None)
                 retry.append(group)  # lost the race (or the write failed): decide again
                 continue
             if record is not None and ack is not None:
-                self.services.note_written(name, record, int(ack.seq))
+                self.known[name] = Versioned(record, int(ack.seq))
             for (msg, _), result in zip(group, results, strict=True):
                 if result.error is None:
                     subject, event = self._accepted_event(result)
@@ -182,6 +187,7 @@ class ApiWorker:
         services = self.bus.buckets.services
         for _ in range(CAS_ATTEMPTS):
             current = await services.get(command.name)
+            self.known[command.name] = current
             record, [result] = fold([command], current.value if current else None, utcnow())
             if result.error is not None:
                 raise result.error
@@ -192,7 +198,7 @@ class ApiWorker:
                         if current is not None
                         else services.create(command.name, record)
                     )
-                    self.services.note_written(command.name, record, revision)
+                    self.known[command.name] = Versioned(record, revision)
             except ConflictError:
                 continue  # somebody else wrote: read again and decide again
             subject, event = self._accepted_event(result)
