@@ -740,14 +740,17 @@ async def diagnose_stuck(ctx: Context, host: Host, watch: StormWatch) -> list[st
         records = {k: v.value for k, v in (await buckets.services.items()).items()}
         for name, record in records.items():
             if per_service.get(name, 0) != record.spec.replicas:
-                status = await buckets.service_status.get(name)
+                observed = await buckets.service_status.get(name)
                 line = f"{name}: {per_service.get(name, 0)} assigned of {record.spec.replicas}"
-                line += f"; status {status.value.model_dump() if status else None}"
+                line += f"; status {observed.value.model_dump() if observed else None}"
                 if deployer is not None:
+                    tasks = [
+                        t.get_name() + (" done" if t.done() else "") for t in deployer.loops.tasks
+                    ]
                     line += (
                         f"; deployer holds {len(deployer.by_service.get(name, {}))} assignments"
                         f", lease held {deployer.lease.held.is_set()}"
-                        f", tasks {[t.get_name() + (' done' if t.done() else '') for t in deployer.loops.tasks]}"
+                        f", tasks {tasks}"
                         f", dirty {sorted(deployer._dirty)[:5]}"
                     )
                 lines.append(line)
