@@ -15,7 +15,8 @@ from corral.schemas.state import (
     ServiceRecord,
     Template,
 )
-from corral.workers.deployer.planning import Plan, new_replica_id, plan
+from corral.workers.deployer import planning
+from corral.workers.deployer.planning import Plan, new_replica_ids, plan
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -66,12 +67,19 @@ def names(assignments: list[Assignment]) -> list[str]:
     return [a.replica for a in assignments]
 
 
-def test_new_replica_id_is_prefixed_and_unique() -> None:
-    ids = {new_replica_id("web") for _ in range(200)}
-    assert len(ids) == 200
+def test_new_replica_ids_are_prefixed_and_unique() -> None:
+    ids = new_replica_ids("web", 200, set())
+    assert len(set(ids)) == 200
     for replica in ids:
         assert replica.startswith("web-")
-        assert len(replica) == len("web-") + 5
+        assert len(replica) == len("web-") + 8
+
+
+def test_new_replica_ids_never_repeat_a_taken_or_drawn_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    letters = iter("b" * 8 + "b" * 8 + "c" * 8 + "c" * 8 + "d" * 8)
+    monkeypatch.setattr(planning.secrets, "choice", lambda _alphabet: next(letters))
+    ids = new_replica_ids("web", 2, {"web-bbbbbbbb"})
+    assert ids == ["web-cccccccc", "web-dddddddd"]
 
 
 def test_steady_state_is_an_empty_plan() -> None:
@@ -269,3 +277,4 @@ def test_active_replicas_on_dead_nodes_are_not_forgotten() -> None:
     result = plan(record(1), current, running(*current), live_nodes=set())
     assert result.forget == []
     assert result.drain == []
+

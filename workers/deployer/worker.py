@@ -26,7 +26,7 @@ from corral.schemas.state import (
     ServiceRecord,
     ServiceStatus,
 )
-from corral.workers.deployer.planning import Plan, new_replica_id, plan
+from corral.workers.deployer.planning import Plan, new_replica_ids, plan
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,8 @@ class DeployerWorker:
         self, record: ServiceRecord, the_plan: Plan, correlation: str
     ) -> tuple[int, str]:
         spec = record.spec
-        replica_ids = [new_replica_id(spec.name) for _ in range(the_plan.add)]
+        taken = {a.replica for a in self.by_service.get(spec.name, {}).values()}
+        replica_ids = new_replica_ids(spec.name, the_plan.add, taken)
         request = PlacementRequest(
             service=spec.name,
             replicas=replica_ids,
