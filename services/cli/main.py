@@ -238,6 +238,7 @@ async def _wait_converged(
 ) -> client.ServiceView | None:
     deadline = time.monotonic() + within
     view: client.ServiceView | None = None
+    initial = 0
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -252,9 +253,13 @@ async def _wait_converged(
             views = await client.service_views(bus, name)
             view = views[0] if views else None
             if gone:
-                remaining = len(view.replicas) + len(view.assignments) if view else 0
+                remaining = len(view.assignments) if view else 0
+                initial = max(initial or remaining, remaining)
                 progress.update(
-                    task, description=f"{name}: stopping", total=None, completed=remaining
+                    task,
+                    description=f"{name}: stopping",
+                    total=initial,
+                    completed=initial - remaining,
                 )
                 if view is None or view.gone:
                     return None
