@@ -31,7 +31,6 @@ from typing import Any
 
 import nats
 import psutil
-from faststream.nats import NatsBroker
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
 from corral.bus.codec import CORRELATION, encode
@@ -43,6 +42,7 @@ from corral.schemas.commands import ScaleCommand, command_type
 from corral.schemas.envelope import CloudEvent
 from corral.schemas.spec import Resources, ServiceSpec
 from corral.schemas.state import ReplicaState, ReplicaStatus
+from corral.services import runner
 from corral.services.runner import make_agent
 from corral.workers.agent.worker import AgentWorker
 from corral.workers.api.worker import ApiWorker
@@ -77,57 +77,23 @@ class LogTally(logging.Handler):
         self.samples.setdefault(key, text[:300])
 
 
-# --- hosting: what corral.services.runner.serve does, without signals -----------------------
-class Host:
-    """One Bus, one FastStream broker, and the workers registered on it."""
+# --- hosting: corral.services.runner.Host, driven by hand ---------------------------------
+class Host(runner.Host):
+    """The runner's Host, started and stopped explicitly rather than with `async with`."""
 
     def __init__(self, settings: Settings, name: str) -> None:
-        self.settings = settings
-        self.name = name
-        self.bus: Bus | None = None
-        self.broker: NatsBroker | None = None
-        self.workers: list[Worker] = []
-        self.started: list[Worker] = []
+        super().__init__(settings, lambda _ctx: [], name=name)
 
     async def start(self, build: Callable[[Context], list[Worker]]) -> Context:
-        self.bus = await Bus.connect(self.settings, name=self.name)
-        ctx = Context(settings=self.settings, bus=self.bus)
-        self.workers = build(ctx)
-        self.broker = NatsBroker(self.settings.resolved_url(), logger=None)
-        for worker in self.workers:
-            worker.register(self.broker)
-        await self.broker.start()
-        for worker in self.workers:
-            await worker.start()
-            self.started.append(worker)
-        return ctx
+        self.build = build
+        await self.__aenter__()
+        return self.ctx
 
     async def start_more(self, workers: Sequence[Worker], concurrency: int = 25) -> None:
-        """Workers with no subscribers (agents): start them a few at a time."""
-        for i in range(0, len(workers), concurrency):
-            chunk = workers[i : i + concurrency]
-            await asyncio.gather(*(w.start() for w in chunk))
-            self.started.extend(chunk)
+        await self.add(workers, concurrency=concurrency)
 
     async def stop(self) -> None:
-        agents = [w for w in self.started if isinstance(w, AgentWorker)]
-        others = [w for w in self.started if not isinstance(w, AgentWorker)]
-        results = await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)
-        for result in results:
-            if isinstance(result, Exception):
-                say(f"  stopping an agent failed: {result!r}")
-        for worker in reversed(others):
-            try:
-                await worker.stop()
-            except Exception as exc:
-                say(f"  stopping {worker.name} failed: {exc!r}")
-        self.started.clear()
-        if self.broker is not None:
-            with contextlib.suppress(Exception):
-                await self.broker.stop()
-        if self.bus is not None:
-            with contextlib.suppress(Exception):
-                await self.bus.close()
+        await self.__aexit__(None, None, None)
 
 
 # --- results ---------------------------------------------------------------------------------

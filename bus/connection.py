@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -94,40 +93,25 @@ class Bus:
         """Ensure every stream and bucket exists. Safe to run from every worker at once."""
         n = self.names
         window = self.settings.duplicate_window
-        await self._stream(
-            StreamConfig(
-                name=n.cmd_stream,
-                subjects=[n.all_cmd],
-                retention=RetentionPolicy.LIMITS,
-                duplicate_window=window,
-                max_age=7 * DAY,
-                storage=StorageType.FILE,
-                discard=DiscardPolicy.OLD,
-                max_msgs=1_000_000,
+        # (name, subjects, kept for, most messages, dedupe window)
+        streams = [
+            (n.cmd_stream, [n.all_cmd], 7 * DAY, 1_000_000, window),
+            (n.evt_stream, [n.all_evt], 7 * DAY, 5_000_000, window),
+            (n.dlq_stream, [f"{n.prefix}.dlq.>"], 30 * DAY, None, 0.0),  # 0: the default
+        ]
+        for name, subjects, max_age, max_msgs, duplicate_window in streams:
+            await self._stream(
+                StreamConfig(
+                    name=name,
+                    subjects=subjects,
+                    retention=RetentionPolicy.LIMITS,
+                    max_age=max_age,
+                    max_msgs=max_msgs,
+                    duplicate_window=duplicate_window,
+                    storage=StorageType.FILE,
+                    discard=DiscardPolicy.OLD,
+                )
             )
-        )
-        await self._stream(
-            StreamConfig(
-                name=n.evt_stream,
-                subjects=[n.all_evt],
-                retention=RetentionPolicy.LIMITS,
-                duplicate_window=window,
-                max_age=7 * DAY,
-                storage=StorageType.FILE,
-                discard=DiscardPolicy.OLD,
-                max_msgs=5_000_000,
-            )
-        )
-        await self._stream(
-            StreamConfig(
-                name=n.dlq_stream,
-                subjects=[f"{n.prefix}.dlq.>"],
-                retention=RetentionPolicy.LIMITS,
-                max_age=30 * DAY,
-                storage=StorageType.FILE,
-                discard=DiscardPolicy.OLD,
-            )
-        )
         kvs = await asyncio.gather(
             self._bucket(n.services, history=8),
             self._bucket(n.service_status),
@@ -160,11 +144,6 @@ class Bus:
             )
         except BadRequestError:
             return await self.js.key_value(name)
-
-    async def publish_raw(
-        self, subject: str, payload: bytes, headers: dict[str, str], *, stream: str | None = None
-    ) -> Any:
-        return await self.js.publish(subject, payload, headers=headers, stream=stream)
 
 
 async def _log_error(exc: Exception) -> None:

@@ -3,9 +3,6 @@ its id, carrying the correlation id of the command that started the chain."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable
-
 from pydantic import BaseModel
 
 from corral.bus.codec import encode
@@ -58,15 +55,3 @@ class Emitter:
             subject, payload, headers=headers, stream=self.bus.names.evt_stream
         )
         return event
-
-    async def emit_many(self, events: Iterable[tuple[str, CloudEvent]]) -> None:
-        """Pipelined: send them all, then wait for every ack."""
-        futures = []
-        for subject, event in events:
-            headers, payload = encode(event)
-            futures.append(
-                self.bus.js.publish(
-                    subject, payload, headers=headers, stream=self.bus.names.evt_stream
-                )
-            )
-        await asyncio.gather(*futures)

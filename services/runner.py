@@ -8,7 +8,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -172,18 +172,34 @@ class Host:
     """Workers hosted inside a running event loop, without signal handling: for tests,
     benchmarks and embedding. `async with Host(settings, build) as host: ...`"""
 
-    def __init__(self, settings: Settings, build: Callable[[Context], list[Worker]]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        build: Callable[[Context], list[Worker]],
+        *,
+        name: str = "corral-host",
+    ) -> None:
         self.settings = settings
         self.build = build
+        self.name = name
         self.workers: list[Worker] = []
         self.bus: Bus | None = None
         self.broker: NatsBroker | None = None
         self._started: list[Worker] = []
+        self._added: list[Worker] = []
+
+    @property
+    def ctx(self) -> Context:
+        assert self.bus is not None, "the host has not started"
+        return Context(settings=self.settings, bus=self.bus)
+
+    @property
+    def started(self) -> list[Worker]:
+        return [*self._started, *self._added]
 
     async def __aenter__(self) -> Host:
-        self.bus = await Bus.connect(self.settings, name="corral-host")
-        ctx = Context(settings=self.settings, bus=self.bus)
-        self.workers = self.build(ctx)
+        self.bus = await Bus.connect(self.settings, name=self.name)
+        self.workers = self.build(self.ctx)
         self.broker = NatsBroker(self.settings.resolved_url(), logger=None)
         for worker in self.workers:
             worker.register(self.broker)
@@ -193,7 +209,23 @@ class Host:
             self._started.append(worker)
         return self
 
+    async def add(self, workers: Sequence[Worker], *, concurrency: int = 25) -> None:
+        """More workers without subscribers (agents, say), started a few at a time; they are
+        stopped together, before the ones the host was built with."""
+        for i in range(0, len(workers), concurrency):
+            chunk = workers[i : i + concurrency]
+            await asyncio.gather(*(worker.start() for worker in chunk))
+            self._added.extend(chunk)
+
     async def __aexit__(self, *exc: object) -> None:
+        added, self._added = self._added, []
+        for worker, result in zip(
+            added,
+            await asyncio.gather(*(w.stop() for w in added), return_exceptions=True),
+            strict=True,
+        ):
+            if isinstance(result, Exception):
+                log.error("stopping %s failed: %r", worker.name, result)
         for worker in reversed(self._started):
             try:
                 await worker.stop()

@@ -8,12 +8,13 @@ import logging
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from faststream.nats import NatsBroker
 
 from corral.bus.store import Mirror, Versioned
 from corral.schemas.placement import Placed, PlacementReply, PlacementRequest
-from corral.schemas.state import Assignment, NodeStatus, Template
+from corral.schemas.state import Assignment, NodeStatus
 from corral.workers.runtime import Context
 from corral.workers.scheduler.placement import ClassRequest, NodeView, solve
 
@@ -26,6 +27,14 @@ def node_ready(node: NodeStatus, grace: float, now: datetime | None = None) -> b
     return not node.draining and (now - node.heartbeat_at).total_seconds() <= grace
 
 
+class Usage(NamedTuple):
+    """What one replica takes from a node, as the scheduler counts it."""
+
+    service: str
+    node: str
+    resources: dict[str, float]
+
+
 class SchedulerWorker:
     name = "scheduler"
 
@@ -35,11 +44,11 @@ class SchedulerWorker:
         self.nodes: Mirror[NodeStatus] = Mirror(buckets.nodes)
         self.assignments: Mirror[Assignment] = Mirror(buckets.assignments)
         self.assignments.listen(self._on_assignment)
-        self._known: dict[str, Assignment] = {}
+        self._known: dict[str, Usage] = {}
         self.allocated: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.counts: dict[tuple[str, str], int] = defaultdict(int)
         self.totals: dict[str, int] = defaultdict(int)
-        self.reserved: dict[str, tuple[float, Assignment]] = {}
+        self.reserved: dict[str, tuple[float, Usage]] = {}
 
     def register(self, broker: NatsBroker) -> None:
         @broker.subscriber(self.ctx.bus.names.place, queue=f"{self.ctx.bus.names.prefix}-scheduler")
@@ -58,12 +67,12 @@ class SchedulerWorker:
         await self.assignments.stop()
         await self.nodes.stop()
 
-    def _apply(self, assignment: Assignment, sign: int) -> None:
-        alloc = self.allocated[assignment.node]
-        for resource, amount in assignment.template.resources.as_dict().items():
+    def _apply(self, usage: Usage, sign: int) -> None:
+        alloc = self.allocated[usage.node]
+        for resource, amount in usage.resources.items():
             alloc[resource] += sign * amount
-        self.counts[(assignment.service, assignment.node)] += sign
-        self.totals[assignment.node] += sign
+        self.counts[(usage.service, usage.node)] += sign
+        self.totals[usage.node] += sign
 
     def _on_assignment(self, key: str, item: Versioned[Assignment] | None) -> None:
         previous = self._known.pop(key, None)
@@ -73,8 +82,10 @@ class SchedulerWorker:
         if reservation is not None:
             self._apply(reservation[1], -1)
         if item is not None:
-            self._known[key] = item.value
-            self._apply(item.value, +1)
+            a = item.value
+            usage = Usage(a.service, a.node, a.template.resources.as_dict())
+            self._known[key] = usage
+            self._apply(usage, +1)
 
     def _expire_reservations(self) -> None:
         now = time.monotonic()
@@ -115,14 +126,7 @@ class SchedulerWorker:
                 replica = next(replicas)
                 placed.append(Placed(replica=replica, node=node_id, reason=solution.why[node_id]))
                 # hold the capacity until the deployer's write reaches our mirror
-                held = Assignment(
-                    replica=replica,
-                    service=request.service,
-                    node=node_id,
-                    generation=0,
-                    template=Template(command=["-"], resources=request.resources),
-                    assigned_at=now,
-                )
+                held = Usage(request.service, node_id, request.resources)
                 key = f"{node_id}.{replica}"
                 if key not in self._known:
                     self.reserved[key] = (time.monotonic(), held)
