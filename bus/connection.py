@@ -27,6 +27,7 @@ from corral.schemas.state import (
     Assignment,
     NodeStatus,
     ReplicaStatus,
+    ServiceHealth,
     ServiceRecord,
     ServiceStatus,
 )
@@ -42,6 +43,7 @@ class Buckets:
     assignments: Bucket[Assignment]
     replicas: Bucket[ReplicaStatus]
     nodes: Bucket[NodeStatus]
+    health: Bucket[ServiceHealth]
     leases: KeyValue
 
 
@@ -119,6 +121,7 @@ class Bus:
             self._bucket(n.replicas),
             self._bucket(n.nodes, ttl=3600.0),
             self._bucket(n.leases),
+            self._bucket(n.health),
         )
         self._buckets = Buckets(
             services=Bucket(kvs[0], ServiceRecord),
@@ -126,6 +129,7 @@ class Bus:
             assignments=Bucket(kvs[2], Assignment),
             replicas=Bucket(kvs[3], ReplicaStatus),
             nodes=Bucket(kvs[4], NodeStatus),
+            health=Bucket(kvs[6], ServiceHealth),
             leases=kvs[5],
         )
 

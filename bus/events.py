@@ -7,6 +7,7 @@ from pydantic import BaseModel
 
 from corral.bus.codec import encode
 from corral.bus.connection import Bus
+from corral.schemas.commands import command_type
 from corral.schemas.envelope import CloudEvent
 from corral.schemas.events import event_type
 
@@ -53,5 +54,36 @@ class Emitter:
         headers, payload = encode(event)
         await self.bus.js.publish(
             subject, payload, headers=headers, stream=self.bus.names.evt_stream
+        )
+        return event
+
+    async def command(
+        self,
+        resource: str,
+        name: str,
+        verb: str,
+        data: BaseModel,
+        *,
+        command_id: str,
+        correlation: str | None = None,
+    ) -> CloudEvent:
+        """Send a command like any other caller: onto the command stream, for the api worker.
+        A worker that acts on its own (an automatic rollback, the autoscaler) gives it an id
+        derived from what caused it, so that sending it twice is deduplicated, and an id of
+        the form `<cause>.<what>` lets `events --trace <cause>` follow the chain."""
+        event = CloudEvent(
+            id=command_id,
+            source=self.source,
+            type=command_type(resource, verb),
+            subject=name,
+            data=data,
+            correlation=correlation,
+        )
+        headers, payload = encode(event)
+        await self.bus.js.publish(
+            self.bus.names.cmd(resource, name, verb),
+            payload,
+            headers=headers,
+            stream=self.bus.names.cmd_stream,
         )
         return event

@@ -44,6 +44,10 @@ class Names:
         return f"{self.prefix}-nodes"
 
     @property
+    def health(self) -> str:
+        return f"{self.prefix}-health"
+
+    @property
     def leases(self) -> str:
         return f"{self.prefix}-leases"
 

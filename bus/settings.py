@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     resync_interval: float = Field(default=10.0, gt=0)
     duplicate_window: float = Field(default=120.0, gt=0)
     source: str = "corral"
+    docker: str = Field(
+        default="auto",
+        pattern=r"^(auto|on|off)$",
+        description="containers on a real node: auto (when an engine answers), on, or off",
+    )
 
     @field_validator("node_id")
     @classmethod

@@ -20,12 +20,37 @@ class DeleteCommand(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class RollbackCommand(BaseModel):
+    """Run an earlier revision's spec again, as a new revision; the live replica count stays."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    to_revision: int | None = Field(
+        default=None, ge=1, description="the revision to go back to; by default the one before"
+    )
+    expected_revision: int | None = Field(
+        default=None,
+        ge=1,
+        description="act only if the service is still at this revision, so that a stale "
+        "rollback never undoes a newer deploy",
+    )
+    reason: str = Field(default="", max_length=500)
+
+
+class PromoteCommand(BaseModel):
+    """Let a waiting canary of the current revision roll out to every replica."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 # resource -> verb -> the model its data must validate against
 COMMANDS: dict[str, dict[str, type[BaseModel]]] = {
     "service": {
         "deploy": ServiceSpec,
         "scale": ScaleCommand,
         "delete": DeleteCommand,
+        "rollback": RollbackCommand,
+        "promote": PromoteCommand,
     },
 }
 

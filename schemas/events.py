@@ -54,6 +54,19 @@ class ServiceProgress(EventData):
     reason: str = ""
 
 
+class RolloutEvent(EventData):
+    """A rollout of a new revision started, paused for its canary, completed or failed."""
+
+    name: str
+    generation: int
+    revision: int
+    from_revision: int
+    state: str
+    reason: str = ""
+    desired: int = 0
+    rollback_of: int = Field(default=0, description="the revision this one rolls back")
+
+
 class ReplicaEvent(EventData):
     """Something happened to one replica on its node."""
 
@@ -71,3 +84,21 @@ class ReplicaEvent(EventData):
 
 def event_type(resource: str, what: str) -> str:
     return f"{TYPE_PREFIX}{resource}.{what}"
+
+
+class HealthEvent(EventData):
+    """The healer's verdict on a service: degraded (a crash loop) or recovered."""
+
+    name: str
+    degraded: bool
+    reason: str
+    restarts_in_window: int = 0
+
+
+class NodeEvent(EventData):
+    """A node went silent past its grace (lost), or heartbeats again (returned)."""
+
+    node: str
+    state: str
+    reason: str
+    heartbeat_at: datetime | None = None

@@ -55,3 +55,29 @@ def format_bytes(value: float) -> str:
         if value >= size:
             return f"{value / size:.1f}{unit}"
     return str(int(value))
+
+
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds as a float; accepts 2.5, "500ms", "5s", "5m", "1h" and "1m30s"."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a text such as 5s, 500ms, 5m")
+    if isinstance(value, int | float):
+        number = float(value)
+    else:
+        text = value.strip()
+        if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text):
+            number = float(text)
+        else:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError(
+                    f"cannot read duration {value!r}; use seconds (2.5) or 500ms, 5s, 5m, 1h, 1m30s"
+                )
+            number = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("a duration must be a finite, non-negative number of seconds")
+    return number

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-from corral.schemas.quantities import parse_bytes, parse_cpu
+from corral.schemas.quantities import parse_bytes, parse_cpu, parse_duration
 
 DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 ServiceName = Annotated[
@@ -27,6 +34,13 @@ PortName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,14}$")]
 LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9_.\-/]{0,61}[A-Za-z0-9])?$")]
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_REPLICAS = 10_000
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""seconds; a number, or a text such as 500ms, 5s, 5m, 1h"""
+ProbePort = Annotated[
+    int | str,
+    Field(description="a port name from `ports`, or a port number (1-65535)"),
+]
+IMAGE_REFERENCE = r"^[a-z0-9][a-z0-9._\-/:@]{0,254}$"
 
 
 class StrictModel(BaseModel):
@@ -79,12 +93,143 @@ class Placement(StrictModel):
     )
 
 
+class HttpProbe(StrictModel):
+    path: str = Field(default="/", pattern=r"^/", description="answered with a 2xx or 3xx")
+    port: ProbePort
+
+
+class TcpProbe(StrictModel):
+    port: ProbePort
+
+
+class Health(StrictModel):
+    """One probe, run by the agent for processes and containers alike (Docker's HEALTHCHECK is
+    not used). A replica is healthy after `success_threshold` passes in a row, and unhealthy
+    (then restarted) after `failure_threshold` failures in a row."""
+
+    http: HttpProbe | None = None
+    tcp: TcpProbe | None = None
+    exec: list[str] | None = Field(default=None, min_length=1, description="exit 0 passes")
+    period: Duration = Field(default=2.0, gt=0, le=3600)
+    timeout: Duration = Field(default=1.0, gt=0, le=3600)
+    initial_delay: Duration = Field(default=0.0, ge=0, le=3600)
+    failure_threshold: int = Field(default=3, ge=1, le=1000)
+    success_threshold: int = Field(default=1, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _one_probe(self) -> Health:
+        given = [k for k in ("http", "tcp", "exec") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "health needs exactly one probe of http, tcp or exec"
+                + (f"; got {', '.join(given)}" if given else "")
+            )
+        return self
+
+    def port(self) -> int | str | None:
+        if self.http is not None:
+            return self.http.port
+        if self.tcp is not None:
+            return self.tcp.port
+        return None
+
+
+class Backoff(StrictModel):
+    initial: Duration = Field(default=1.0, gt=0, le=3600)
+    factor: float = Field(default=2.0, ge=1, le=100)
+    max: Duration = Field(default=60.0, gt=0, le=86400)
+
+    def delay(self, failures: int) -> float:
+        """The wait before restart number `failures` (1 for the first), without jitter."""
+        return float(min(self.max, self.initial * self.factor ** max(0, failures - 1)))
+
+
+class CrashLoop(StrictModel):
+    restarts: int = Field(default=5, ge=1, le=1000, description="restarts within `window`")
+    window: Duration = Field(default=60.0, gt=0, le=86400)
+
+
+class Restart(StrictModel):
+    policy: Literal["always", "on-failure", "never"] = "always"
+    backoff: Backoff = Field(default_factory=Backoff)
+    reset_after: Duration = Field(
+        default=60.0, ge=0, le=86400, description="healthy this long, the backoff starts over"
+    )
+    crash_loop: CrashLoop = Field(default_factory=CrashLoop)
+
+    def restarts_after(self, exit_code: int) -> bool:
+        if self.policy == "always":
+            return True
+        return self.policy == "on-failure" and exit_code != 0
+
+
+Amount = Annotated[
+    int | str, Field(description="a number of replicas, or a percentage of the desired count")
+]
+
+
+def _amount(value: int | str, desired: int, *, round_up: bool) -> int:
+    if isinstance(value, int):
+        return value
+    percent = float(value.rstrip("%"))
+    share = desired * percent / 100
+    return math.ceil(share) if round_up else math.floor(share)
+
+
+class Update(StrictModel):
+    """How a changed spec rolls out. New replicas stay ready for `min_healthy` before old ones
+    stop."""
+
+    max_surge: Amount = "25%"
+    max_unavailable: Amount = 0
+    min_healthy: Duration = Field(default=5.0, ge=0, le=3600)
+    progress_deadline: Duration = Field(default=300.0, gt=0, le=86400)
+    auto_rollback: bool = True
+    canary: int = Field(
+        default=0, ge=0, le=MAX_REPLICAS, description="start this many new replicas and wait"
+    )
+
+    @field_validator("max_surge", "max_unavailable")
+    @classmethod
+    def _amount_valid(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("must not be negative")
+            return value
+        if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]+)?%", value) or float(value[:-1]) > 100:
+            raise ValueError(f"{value!r} is neither a count nor a percentage from 0% to 100%")
+        return value
+
+    def surge(self, desired: int) -> int:
+        return _amount(self.max_surge, desired, round_up=True)
+
+    def unavailable(self, desired: int) -> int:
+        return _amount(self.max_unavailable, desired, round_up=False)
+
+    def steps(self, desired: int) -> tuple[int, int]:
+        """(surge, unavailable) for `desired`; never both zero, so a rollout always moves."""
+        surge, unavailable = self.surge(desired), self.unavailable(desired)
+        if surge == 0 and unavailable == 0:
+            surge = 1
+        return surge, unavailable
+
+
 class ServiceSpec(StrictModel):
-    """A replicated service. Replicas run as local processes (`command`)."""
+    """A replicated service. Replicas run as containers (`image`) or local processes
+    (`command` without `image`)."""
 
     name: ServiceName
     replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
-    command: list[str] = Field(min_length=1, description="argv; ${PORT} and ${PORT_<NAME>} expand")
+    image: str | None = Field(
+        default=None,
+        pattern=IMAGE_REFERENCE,
+        description="a container image; replicas then run on nodes with Docker",
+    )
+    command: list[str] = Field(
+        default_factory=list,
+        description="argv; ${PORT} and ${PORT_<NAME>} expand. Required without `image`; with "
+        "one, it replaces the image's command",
+    )
     env: dict[str, str] = Field(default_factory=dict)
     ports: list[PortName] = Field(
         default_factory=list, description="each named port gets a free TCP port per replica"
@@ -92,9 +237,12 @@ class ServiceSpec(StrictModel):
     resources: Resources = Field(default_factory=Resources)
     placement: Placement = Field(default_factory=Placement)
     labels: dict[LabelKey, str] = Field(default_factory=dict)
-    stop_grace_period: float = Field(
+    stop_grace_period: Duration = Field(
         default=10.0, ge=0, le=3600, description="seconds between SIGTERM and SIGKILL"
     )
+    health: Health | None = None
+    restart: Restart = Field(default_factory=Restart)
+    update: Update = Field(default_factory=Update)
 
     @field_validator("env")
     @classmethod
@@ -110,6 +258,20 @@ class ServiceSpec(StrictModel):
         if len(set(ports)) != len(ports):
             raise ValueError("port names must be unique")
         return ports
+
+    @model_validator(mode="after")
+    def _runnable(self) -> ServiceSpec:
+        if not self.command and self.image is None:
+            raise ValueError("a service needs a `command`, an `image`, or both")
+        port = self.health.port() if self.health is not None else None
+        if isinstance(port, str) and port not in self.ports:
+            raise ValueError(
+                f"health probe port {port!r} is not one of the declared ports "
+                f"({', '.join(self.ports) or 'none declared'})"
+            )
+        if isinstance(port, int) and not 1 <= port <= 65535:
+            raise ValueError(f"health probe port {port} is not between 1 and 65535")
+        return self
 
     @model_validator(mode="after")
     def _variables_resolve(self) -> ServiceSpec:
@@ -129,8 +291,22 @@ class ServiceSpec(StrictModel):
     def runtime_fields(self) -> dict[str, Any]:
         """The part of the spec a replica runs with; a change here means new replicas."""
         return self.model_dump(
-            include={"command", "env", "ports", "resources", "stop_grace_period"}
+            include={
+                "image",
+                "command",
+                "env",
+                "ports",
+                "resources",
+                "stop_grace_period",
+                "health",
+                "restart",
+            }
         )
+
+    @property
+    def driver(self) -> str:
+        """The kind of node runtime the replicas need."""
+        return "docker" if self.image is not None else "process"
 
 
 def port_variables(ports: list[str]) -> set[str]:

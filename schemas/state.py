@@ -8,11 +8,25 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.schemas.spec import Resources, ServiceSpec
+from corral.schemas.spec import Health, Resources, Restart, ServiceSpec
 
 
 class Record(BaseModel):
     model_config = ConfigDict(frozen=True)
+
+
+class Revision(Record):
+    """One version of a service's runtime template, kept so that it can be rolled back to."""
+
+    revision: int = Field(ge=1)
+    spec: ServiceSpec
+    created_at: datetime
+    command_id: str
+    cause: str = Field(default="deploy", description="deploy, or 'rollback to N'")
+
+
+MAX_REVISIONS = 10
+"""how many revisions a service record keeps for history and rollback"""
 
 
 class ServiceRecord(Record):
@@ -30,20 +44,39 @@ class ServiceRecord(Record):
         description="ids of the last commands that changed this record, oldest first, so that "
         "a re-sent or redelivered command acts once",
     )
+    revision: int = Field(
+        default=1, ge=1, description="bumped when the runtime template changes, not on scale"
+    )
+    revisions: list[Revision] = Field(
+        default_factory=list, description=f"the last {MAX_REVISIONS} revisions, oldest first"
+    )
+    promoted_revision: int = Field(
+        default=0, description="a canary of this revision was promoted: roll it out fully"
+    )
+    rollback_of: int = Field(
+        default=0, description="this revision undoes that one; it is never rolled back itself"
+    )
 
 
 class Template(Record):
-    """What a replica runs: the runtime part of the spec at one generation."""
+    """What a replica runs: the runtime part of the spec at one revision."""
 
-    command: list[str]
+    image: str | None = None
+    command: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     ports: list[str] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
     stop_grace_period: float = 10.0
+    health: Health | None = None
+    restart: Restart = Field(default_factory=Restart)
 
     @classmethod
     def from_spec(cls, spec: ServiceSpec) -> Template:
         return cls.model_validate(spec.runtime_fields())
+
+    @property
+    def driver(self) -> str:
+        return "docker" if self.image is not None else "process"
 
 
 class Assignment(Record):
@@ -70,6 +103,12 @@ class ReplicaState(StrEnum):
     FAILED = "failed"
     STOPPING = "stopping"
     STOPPED = "stopped"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    PENDING = "pending"
+
+
+LIVE_STATES = frozenset({ReplicaState.RUNNING, ReplicaState.HEALTHY, ReplicaState.UNHEALTHY})
 
 
 class ReplicaStatus(Record):
@@ -87,6 +126,11 @@ class ReplicaStatus(Record):
     message: str = ""
     started_at: datetime | None = None
     updated_at: datetime
+    ready: bool = Field(
+        default=False,
+        description="running and, where the spec has a health probe, passing it",
+    )
+    ready_at: datetime | None = Field(default=None, description="since when it has been ready")
 
 
 class NodeStatus(Record):
@@ -102,6 +146,23 @@ class NodeStatus(Record):
     draining: bool = False
 
 
+class RolloutState(StrEnum):
+    PROGRESSING = "progressing"
+    PAUSED = "paused"
+    """a canary runs beside the old replicas, waiting for promote or rollback"""
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class Rollout(Record):
+    revision: int
+    from_revision: int = Field(default=0, description="0 for a service's first revision")
+    state: RolloutState
+    reason: str = ""
+    started_at: datetime
+    finished_at: datetime | None = None
+
+
 class ServiceStatus(Record):
     """The deployer's observed view of a service. Owner: the deployer. Key: the service name."""
 
@@ -112,3 +173,16 @@ class ServiceStatus(Record):
     pending: int = 0
     reason: str = ""
     updated_at: datetime
+    ready: int = Field(default=0, description="replicas of the current revision that are ready")
+    revision: int = 1
+    rollout: Rollout | None = None
+
+
+class ServiceHealth(Record):
+    """The healer's verdict on a service. Owner: the healer. Key: the service name."""
+
+    name: str
+    degraded: bool = False
+    reason: str = ""
+    since: datetime
+    restarts_in_window: int = 0

@@ -22,11 +22,14 @@ from corral.bus.settings import Settings
 from corral.schemas.spec import Resources
 from corral.workers import NAMES as WORKERS
 from corral.workers.agent.drivers.base import Driver
+from corral.workers.agent.drivers.docker import DockerDriver, docker_client_or_none
 from corral.workers.agent.drivers.fake import FakeDriver
+from corral.workers.agent.drivers.multi import MultiDriver
 from corral.workers.agent.drivers.process import ProcessDriver
 from corral.workers.agent.worker import AgentWorker
 from corral.workers.api.worker import ApiWorker
 from corral.workers.deployer.worker import DeployerWorker
+from corral.workers.healer.worker import HealerWorker
 from corral.workers.runtime import Context, Worker
 from corral.workers.scheduler.worker import SchedulerWorker
 
@@ -44,17 +47,32 @@ def make_agent(
     driver: str = "process",
     capacity: Resources | None = None,
     labels: dict[str, str] | None = None,
+    docker: str | None = None,
+    fake_provides: tuple[str, ...] = ("process", "docker"),
 ) -> AgentWorker:
+    """`driver` process is a real node: processes always, containers too when a Docker engine
+    answers (`docker` auto), or must answer (on), or never (off). `docker` defaults to the
+    CORRAL_DOCKER setting. fake simulates a node that runs what `fake_provides` says."""
+    docker = docker or ctx.settings.docker
     holder: list[AgentWorker] = []
 
-    async def on_exit(replica: str, code: int) -> None:
-        await holder[0].on_exit(replica, code)
+    async def on_exit(replica: str, code: int, reason: str) -> None:
+        await holder[0].on_exit(replica, code, reason)
 
     runtime: Driver
     if driver == "process":
-        runtime = ProcessDriver(ctx.settings.data_dir / "logs" / node_id, on_exit)
+        drivers: list[Driver] = [ProcessDriver(ctx.settings.data_dir / "logs" / node_id, on_exit)]
+        if docker != "off":
+            client = docker_client_or_none()
+            if client is not None:
+                drivers.append(DockerDriver(node_id, on_exit, client))
+            elif docker == "on":
+                raise ValueError("no Docker engine answers, and CORRAL_DOCKER=on requires one")
+            else:
+                log.info("%s: no Docker engine answers; this node runs processes only", node_id)
+        runtime = drivers[0] if len(drivers) == 1 else MultiDriver(drivers)
     elif driver == "fake":
-        runtime = FakeDriver(on_exit)
+        runtime = FakeDriver(on_exit, provides=fake_provides)
     else:
         raise ValueError(f"unknown driver {driver!r}; use process or fake")
     agent = AgentWorker(
@@ -71,6 +89,8 @@ def make_worker(name: str, ctx: Context) -> Worker:
         return DeployerWorker(ctx)
     if name == "scheduler":
         return SchedulerWorker(ctx)
+    if name == "healer":
+        return HealerWorker(ctx)
     raise ValueError(f"unknown worker {name!r}; choose from {', '.join(WORKERS)}")
 
 

@@ -20,10 +20,11 @@ from corral.schemas.commands import command_type
 from corral.schemas.envelope import CloudEvent, new_id
 from corral.schemas.errors import CorralError, InvalidInput
 from corral.schemas.state import (
+    LIVE_STATES,
     Assignment,
     NodeStatus,
-    ReplicaState,
     ReplicaStatus,
+    ServiceHealth,
     ServiceRecord,
     ServiceStatus,
 )
@@ -96,6 +97,7 @@ class ServiceView:
     status: ServiceStatus | None
     assignments: list[Assignment] = field(default_factory=list)
     replicas: dict[str, ReplicaStatus] = field(default_factory=dict)
+    health: ServiceHealth | None = None
 
     @property
     def desired(self) -> int:
@@ -110,11 +112,30 @@ class ServiceView:
     @property
     def running(self) -> int:
         ids = {a.replica for a in self.active}
+        return sum(1 for r in self.replicas.values() if r.replica in ids and r.state in LIVE_STATES)
+
+    @property
+    def ready(self) -> int:
+        """Active replicas that run and pass their health probe (if the spec has one)."""
+        ids = {a.replica for a in self.active}
         return sum(
             1
             for r in self.replicas.values()
-            if r.replica in ids and r.state == ReplicaState.RUNNING
+            if r.replica in ids and r.ready and r.state in LIVE_STATES
         )
+
+    def rollout_failure(self, revision: int) -> str:
+        """Why the rollout of `revision` failed or was rolled back, or ''."""
+        record, status = self.record, self.status
+        if record is not None and record.rollback_of == revision:
+            return (
+                f"revision {revision} was rolled back; revision {record.revision} "
+                "restores an earlier one (`corral events --trace` says why)"
+            )
+        rollout = status.rollout if status is not None else None
+        if rollout is not None and rollout.revision == revision and rollout.state == "failed":
+            return f"rollout of revision {revision} failed: {rollout.reason}"
+        return ""
 
     @property
     def converged(self) -> bool:
@@ -128,7 +149,7 @@ class ServiceView:
             status_ok
             and len(self.active) == self.desired
             and len(self.assignments) == self.desired
-            and self.running == self.desired
+            and self.ready == self.desired
             and len(self.replicas) == self.desired
         )
 
@@ -158,6 +179,7 @@ class ServiceView:
                     "generation": assignment.generation if assignment else None,
                     "pid": status.pid if status else None,
                     "ports": status.ports if status else {},
+                    "ready": bool(status and status.ready),
                     "restarts": status.restarts if status else 0,
                     "message": status.message if status else "",
                     "why": assignment.reason if assignment else "",
@@ -169,6 +191,14 @@ class ServiceView:
             "state": self.state,
             "desired": self.desired,
             "running": self.running,
+            "ready": self.ready,
+            "revision": self.record.revision if self.record else 0,
+            "rollout": (
+                self.status.rollout.model_dump(mode="json")
+                if self.status is not None and self.status.rollout is not None
+                else None
+            ),
+            "degraded": self.health.reason if self.health and self.health.degraded else "",
             "pending": self.status.pending if self.status else 0,
             "reason": self.status.reason if self.status else "",
             "labels": dict(self.record.spec.labels) if self.record else {},
@@ -181,16 +211,22 @@ class ServiceView:
             return "deleting"
         if self.status is not None and self.status.pending:
             return "pending"
+        if self.health is not None and self.health.degraded:
+            return "degraded"
+        rollout = self.status.rollout if self.status is not None else None
+        if rollout is not None and rollout.state in ("failed", "paused"):
+            return f"rollout {rollout.state}"
         return "ready" if self.converged else "progressing"
 
 
 async def service_views(bus: Bus, name: str | None = None) -> list[ServiceView]:
     b = bus.buckets
-    services, statuses, assignments, replicas = await asyncio.gather(
+    services, statuses, assignments, replicas, health = await asyncio.gather(
         b.services.items(name or ">"),
         b.service_status.items(name or ">"),
         b.assignments.items(),
         b.replicas.items(f"{name}.>" if name else ">"),
+        b.health.items(name or ">"),
     )
     names = set(services) | {a.value.service for a in assignments.values()}
     if name is not None:
@@ -206,6 +242,7 @@ async def service_views(bus: Bus, name: str | None = None) -> list[ServiceView]:
             replicas={
                 r.value.replica: r.value for r in replicas.values() if r.value.service == service
             },
+            health=health[service].value if service in health else None,
         )
         if view.record is not None and view.record.deleted and view.gone:
             continue

@@ -233,9 +233,21 @@ def _outcome_or_exit(outcome: client.Outcome) -> dict[str, Any]:
     return data
 
 
+ROLLED_BACK = 4
+"""exit code of deploy when its rollout failed (and, by default, was rolled back)"""
+
+
 async def _wait_converged(
-    bus: Bus, name: str, within: float, show: bool, *, gone: bool = False
+    bus: Bus,
+    name: str,
+    within: float,
+    show: bool,
+    *,
+    gone: bool = False,
+    revision: int | None = None,
 ) -> client.ServiceView | None:
+    """Wait until the service runs as desired (or is gone). With `revision`, fail with exit
+    code 4 as soon as that revision's rollout fails or is rolled back."""
     deadline = time.monotonic() + within
     view: client.ServiceView | None = None
     initial = 0
@@ -264,11 +276,16 @@ async def _wait_converged(
                 if view is None or view.gone:
                     return None
             elif view is not None:
+                failure = view.rollout_failure(revision) if revision is not None else ""
+                if failure:
+                    raise client.CliError(failure, code=ROLLED_BACK)
                 note = view.state
                 if view.status and view.status.pending:
                     note = f"{view.status.pending} pending: {view.status.reason}"
+                elif view.status and view.status.rollout and view.status.rollout.reason:
+                    note = f"{view.state}: {view.status.rollout.reason}"
                 progress.update(
-                    task, total=view.desired, completed=view.running, description=f"{name}: {note}"
+                    task, total=view.desired, completed=view.ready, description=f"{name}: {note}"
                 )
                 if view.converged:
                     return view
@@ -309,17 +326,30 @@ def deploy(
                 f"{spec.name}: {change}, generation {data.get('generation')}"
                 f" (command {outcome.event.correlation})"
             )
+        revision = await _revision_of(bus, spec.name, int(data.get("generation") or 0))
         view = (
-            await _wait_converged(bus, spec.name, timeout, output == Output.table) if wait else None
+            await _wait_converged(
+                bus, spec.name, timeout, output == Output.table, revision=revision
+            )
+            if wait
+            else None
         )
         if output != Output.table:
             render.dump(
                 {"command": data, "service": view.as_dict() if view else None}, output.value, out
             )
         elif view is not None:
-            out.print(f"{spec.name}: {view.running}/{view.desired} replicas running")
+            out.print(f"{spec.name}: {view.ready}/{view.desired} replicas ready")
 
     _run(_with_bus(settings, work))
+
+
+async def _revision_of(bus: Bus, name: str, generation: int) -> int | None:
+    """The revision the accepted command produced, if the record still shows it."""
+    item = await bus.buckets.services.get(name)
+    if item is None or item.value.generation != generation:
+        return None
+    return item.value.revision
 
 
 async def _load(file: str) -> Any:
@@ -345,7 +375,7 @@ def scale(
         if wait:
             view = await _wait_converged(bus, name, timeout, True)
             assert view is not None
-            out.print(f"{name}: {view.running}/{view.desired} replicas running")
+            out.print(f"{name}: {view.ready}/{view.desired} replicas ready")
 
     _run(_with_bus(settings, work))
 
@@ -370,6 +400,95 @@ def delete(
             out.print(f"{name}: deleted")
 
     _run(_with_bus(settings, work))
+
+
+@app.command()
+def rollback(
+    name: str,
+    to: Annotated[
+        int | None, typer.Option("--to", help="the revision to go back to (default: previous)")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="wait until the rollback has rolled out")] = True,
+    timeout: TimeoutOpt = 300.0,
+) -> None:
+    """Roll a service back to an earlier revision (see `corral history`), or end a canary."""
+    settings = _settings()
+
+    async def work(bus: Bus) -> None:
+        outcome = await client.send_command(
+            bus,
+            "service",
+            name,
+            "rollback",
+            {"to_revision": to} if to is not None else {},
+            within=settings.command_timeout,
+        )
+        data = _outcome_or_exit(outcome)
+        revision = await _revision_of(bus, name, int(data.get("generation") or 0))
+        if not data.get("changed", True):
+            err.print(f"{name}: already at that revision; nothing to do")
+            return
+        err.print(f"{name}: rolling back, now revision {revision}")
+        if wait:
+            view = await _wait_converged(bus, name, timeout, True, revision=revision)
+            assert view is not None
+            out.print(f"{name}: {view.ready}/{view.desired} replicas ready at revision {revision}")
+
+    _run(_with_bus(settings, work))
+
+
+@app.command()
+def promote(
+    name: str,
+    wait: Annotated[bool, typer.Option(help="wait until the rollout completes")] = True,
+    timeout: TimeoutOpt = 300.0,
+) -> None:
+    """Promote a waiting canary: roll its revision out to every replica."""
+    settings = _settings()
+
+    async def work(bus: Bus) -> None:
+        outcome = await client.send_command(
+            bus, "service", name, "promote", {}, within=settings.command_timeout
+        )
+        data = _outcome_or_exit(outcome)
+        revision = await _revision_of(bus, name, int(data.get("generation") or 0))
+        err.print(f"{name}: canary promoted; rolling out revision {revision}")
+        if wait:
+            view = await _wait_converged(bus, name, timeout, True, revision=revision)
+            assert view is not None
+            out.print(f"{name}: {view.ready}/{view.desired} replicas ready")
+
+    _run(_with_bus(settings, work))
+
+
+@app.command()
+def history(name: str, output: OutputOpt = Output.table) -> None:
+    """List a service's revisions, newest last."""
+    settings = _settings()
+
+    async def work(bus: Bus) -> list[dict[str, Any]]:
+        item = await bus.buckets.services.get(name)
+        if item is None or item.value.deleted:
+            raise client.CliError(f"service {name!r} not found")
+        record = item.value
+        return [
+            {
+                "revision": r.revision,
+                "current": r.revision == record.revision,
+                "cause": r.cause,
+                "created_at": r.created_at.isoformat(),
+                "command_id": r.command_id,
+                "image": r.spec.image,
+                "command": r.spec.command,
+            }
+            for r in record.revisions
+        ]
+
+    rows = _run(_with_bus(settings, work))
+    if output == Output.table:
+        out.print(render.history_table(rows))
+    else:
+        render.dump({"name": name, "revisions": rows}, output.value, out)
 
 
 # reading -----------------------------------------------------------------------------------
@@ -444,7 +563,9 @@ def events(
                 show(command)
                 found += 1
             async for event in client.read_events(bus, follow=False, from_start=True):
-                if event.correlation == trace or event.id == trace:
+                chain = event.correlation or ""
+                # commands a worker sent because of this one carry ids `<id>.<what>`
+                if chain == trace or chain.startswith(f"{trace}.") or event.id == trace:
                     show(event)
                     found += 1
             if not found:

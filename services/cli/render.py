@@ -36,7 +36,7 @@ def services_table(services: list[dict[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold")
     for column in (
         "SERVICE",
-        "GEN",
+        "REV",
         "STATE",
         "READY",
         "REPLICA",
@@ -47,14 +47,19 @@ def services_table(services: list[dict[str, Any]]) -> Table:
     ):
         table.add_column(column)
     for service in services:
-        ready = f"{service['running']}/{service['desired']}"
+        ready = f"{service['ready']}/{service['desired']}"
         note = ""
+        rollout = service.get("rollout") or {}
         if service["pending"]:
             note = f"{service['pending']} pending: {service['reason']}"
+        elif service.get("degraded"):
+            note = service["degraded"]
+        elif rollout.get("state") in ("progressing", "paused", "failed") and rollout.get("reason"):
+            note = f"rev {rollout['revision']}: {rollout['reason']}"
         rows = service["replicas"] or [None]
         for index, replica in enumerate(rows):
             head = (
-                [service["name"], str(service["generation"]), service["state"], ready]
+                [service["name"], str(service["revision"]), service["state"], ready]
                 if index == 0
                 else ["", "", "", ""]
             )
@@ -62,7 +67,7 @@ def services_table(services: list[dict[str, Any]]) -> Table:
                 table.add_row(*head, "-", "-", "-", "-", note)
                 continue
             ports = " ".join(f"{k}={v}" for k, v in replica["ports"].items())
-            message = replica["message"] if replica["state"] != "running" else ""
+            message = replica["message"] if replica["state"] not in ("running", "healthy") else ""
             table.add_row(
                 *head,
                 replica["id"],
@@ -73,6 +78,24 @@ def services_table(services: list[dict[str, Any]]) -> Table:
             )
             if index == 0 and message and note:
                 table.add_row("", "", "", "", "", "", "", "", message)
+    return table
+
+
+def history_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("REVISION", "", "CAUSE", "CREATED", "RUNS"):
+        table.add_column(column)
+    for row in rows:
+        runs = row["image"] or ""
+        if row["command"]:
+            runs = f"{runs} {' '.join(row['command'])}".strip()
+        table.add_row(
+            str(row["revision"]),
+            "current" if row["current"] else "",
+            row["cause"],
+            row["created_at"][:19].replace("T", " "),
+            runs[:60],
+        )
     return table
 
 

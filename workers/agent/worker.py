@@ -1,12 +1,16 @@
-"""The agent's thin handler: reconcile what is assigned to this node against what its driver
-runs, restart what exits (with backoff), heartbeat, and report every change."""
+"""The agent's thin handler: reconcile what is assigned to this node against what its drivers
+run, probe health, restart by the spec's policy (with backoff), heartbeat, and report every
+change. Restarts happen here, on the node, as a kubelet does: no round trip to another worker
+stands between a crash and its replacement."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from faststream.nats import NatsBroker
 
@@ -17,23 +21,31 @@ from corral.schemas.events import ReplicaEvent
 from corral.schemas.spec import Resources
 from corral.schemas.state import Assignment, NodeStatus, ReplicaState, ReplicaStatus
 from corral.workers.agent.drivers.base import Driver, DriverError, Launch, Started
+from corral.workers.agent.probes import Prober, ProbeResult
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
-BACKOFF_INITIAL = 1.0
-BACKOFF_MAX = 60.0
-HEALTHY_RESET = 60.0
 SHUTDOWN_GRACE_CAP = 10.0
+JITTER = 0.1
+"""restart delays vary by up to this share either way, so replicas that crashed together do
+not all come back in the same instant"""
 
 
 @dataclass
 class _Replica:
     restarts: int = 0
     failures: int = 0
+    """crashes since the replica last stayed ready for `restart.reset_after`"""
     not_before: float = 0.0
-    started_at: float = 0.0
     started: Started | None = None
     """set while the replica runs but its `running` status is not yet written"""
+    ports: dict[str, int] = field(default_factory=dict)
+    pid: int | None = None
+    ready_at: datetime | None = None
+    ready_mono: float | None = None
+    finished: bool = False
+    """exited and, by its restart policy, not to be started again"""
+    prober: Prober | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -68,6 +80,7 @@ class AgentWorker:
         self._timers: set[asyncio.TimerHandle] = set()
         self._started_at = utcnow()
         self._stopping = False
+        self._simulated = driver.name == "fake"
 
     def register(self, broker: NatsBroker) -> None:
         return None
@@ -80,17 +93,34 @@ class AgentWorker:
             for s in (v.value for v in (await self.bus.buckets.replicas.items()).values())
             if s.node == self.node_id
         }
-        stale = await self.driver.clean_stale(
-            {r: s.pid for r, s in previous.items() if s.pid is not None}
-        )
-        if stale:
-            log.info("%s: stopped %d replicas left by a previous agent", self.node_id, len(stale))
+        await self.assignments.start()
+        assigned = {a.replica: a for a in (v.value for v in self.assignments.items.values())}
+        claimed = {
+            replica: (previous[replica].pid if replica in previous else None)
+            for replica, a in assigned.items()
+            if not a.draining
+        }
+        # a previous agent's replicas: adopt what the driver can (containers), stop the rest
+        recovered = await self.driver.recover(claimed)
+        if recovered.removed:
+            log.info(
+                "%s: removed %d replicas a previous agent left",
+                self.node_id,
+                len(recovered.removed),
+            )
+        for replica, started in recovered.adopted.items():
+            state = self._replicas.setdefault(replica, _Replica())
+            state.started = started
+            state.ports = dict(started.ports)
+            state.pid = started.pid
+            old = previous.get(replica)
+            if old is not None:
+                state.restarts = old.restarts
         for replica, status in previous.items():
             self._services[replica] = status.service
             self.mark(replica)
-        await self.assignments.start()
-        for key in list(self.assignments.items):
-            self.mark(key.split(".", 1)[1])
+        for replica in assigned:
+            self.mark(replica)
         self.loops.spawn(self._loop(), "reconcile")
         self.loops.spawn(self._heartbeat(), "heartbeat")
 
@@ -100,6 +130,7 @@ class AgentWorker:
             timer.cancel()
         self._wake.set()
         await self.loops.stop()
+        await asyncio.gather(*(self._stop_probe(r) for r in list(self._replicas)))
         await self.assignments.stop()
         await asyncio.gather(
             *(self._shutdown_replica(r) for r in self.driver.running()), return_exceptions=True
@@ -180,11 +211,12 @@ class AgentWorker:
             running = replica in self.driver.running()
             if assignment is not None and not assignment.draining:
                 self._services[replica] = assignment.service
-                if not running:
+                if not running and not state.finished:
                     await self._start(assignment, state)
-                elif state.started is not None:
+                elif running and state.started is not None:
                     await self._report_running(assignment, state)  # an earlier write failed
                 return
+            await self._stop_probe(replica)
             if assignment is not None:
                 # draining: stop it, say so with the command that asked, then drop the status
                 if running:
@@ -205,8 +237,7 @@ class AgentWorker:
                 return
             service = self._services.get(replica)
             if running:
-                grace = 10.0
-                code = await self.driver.stop(replica, grace)
+                code = await self.driver.stop(replica, 10.0)
                 log.info("%s: stopped %s (exit %s)", self.node_id, replica, code)
             if service is not None:
                 await self.bus.buckets.replicas.delete(f"{service}.{replica}")
@@ -218,7 +249,7 @@ class AgentWorker:
                         ReplicaState.STOPPED,
                         0,
                         exit_code=None,
-                        message="no longer assigned",
+                        message="no longer assigned to this node (rescheduled or removed)",
                     )
                 self._services.pop(replica, None)
             self._replicas.pop(replica, None)
@@ -228,92 +259,218 @@ class AgentWorker:
         if wait > 0:
             self._mark_later(assignment.replica, wait)
             return
-        launch = Launch(assignment.replica, assignment.service, self.node_id, assignment.template)
+        launch = Launch(
+            assignment.replica,
+            assignment.service,
+            self.node_id,
+            assignment.template,
+            assignment.generation,
+        )
         try:
             started = await self.driver.start(launch)
         except DriverError as exc:
             state.failures += 1
-            delay = self._backoff(state)
+            delay = self._backoff(assignment, state)
             await self._report(
                 assignment,
                 ReplicaState.FAILED,
-                message=f"{exc}; retry in {delay:.0f}s",
+                message=f"{exc}; retry in {delay:.1f}s",
                 event="failed",
                 restarts=state.restarts,
             )
             self._mark_later(assignment.replica, delay)
             return
-        state.started_at = time.monotonic()
         state.started = started
+        state.ports = dict(started.ports)
+        state.pid = started.pid
+        state.ready_at = None
+        state.ready_mono = None
         await self._report_running(assignment, state)
 
     async def _report_running(self, assignment: Assignment, state: _Replica) -> None:
         started = state.started
         assert started is not None
+        health = assignment.template.health
+        if health is None or self._simulated:
+            # nothing to probe: a running replica is a ready one
+            state.ready_at = state.ready_at or utcnow()
+            state.ready_mono = state.ready_mono or time.monotonic()
         await self._report(
             assignment,
             ReplicaState.RUNNING,
-            pid=started.pid,
-            ports=started.ports,
             event="started",
             restarts=state.restarts,
+            replica_state=state,
         )
         state.started = None
+        if health is not None and not self._simulated and state.prober is None:
+            replica = assignment.replica
 
-    def _backoff(self, state: _Replica) -> float:
-        delay = float(min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** max(0, state.failures - 1)))
+            async def run_exec(argv: list[str], timeout: float) -> int:
+                return await self.driver.exec(replica, argv, timeout)
+
+            state.prober = Prober(replica, health, dict(state.ports), run_exec, self._on_health)
+            state.prober.start()
+
+    async def _stop_probe(self, replica: str) -> None:
+        state = self._replicas.get(replica)
+        if state is not None and state.prober is not None:
+            prober, state.prober = state.prober, None
+            await prober.stop()
+
+    # health -------------------------------------------------------------------------------
+    async def _on_health(self, replica: str, healthy: bool, result: ProbeResult) -> None:
+        state = self._replicas.get(replica)
+        assignment = self.assignments.get(f"{self.node_id}.{replica}")
+        if state is None or assignment is None or assignment.draining or self._stopping:
+            return
+        if healthy:
+            state.ready_at = utcnow()
+            state.ready_mono = time.monotonic()
+            await self._report(
+                assignment,
+                ReplicaState.HEALTHY,
+                event="healthy",
+                message=result.detail,
+                restarts=state.restarts,
+                replica_state=state,
+            )
+            return
+        # liveness: restart it, with the same backoff as a crash
+        health = assignment.template.health
+        assert health is not None
+        state.ready_at = None
+        state.ready_mono = None
+        cause = f"health probe failed {health.failure_threshold} times in a row ({result.detail})"
+        await self._report(
+            assignment,
+            ReplicaState.UNHEALTHY,
+            event="unhealthy",
+            message=cause,
+            restarts=state.restarts,
+            replica_state=state,
+        )
+        # not under the replica's lock: the prober that called us is stopped from inside it
+        self.loops.spawn(self._liveness_restart(assignment, cause), f"restart {replica}")
+
+    async def _liveness_restart(self, assignment: Assignment, cause: str) -> None:
+        replica = assignment.replica
+        state = self._replicas.get(replica)
+        if state is None:
+            return
+        async with state.lock:
+            if self._stopping or replica not in self.driver.running():
+                return
+            await self._stop_probe(replica)
+            code = await self.driver.stop(replica, assignment.template.stop_grace_period)
+            await self._crashed(assignment, state, code, cause, stopped_by_us=True)
+
+    # exits --------------------------------------------------------------------------------
+    def _backoff(self, assignment: Assignment, state: _Replica) -> float:
+        """The wait before the next start. The first restart after a healthy spell is at
+        once; each further one waits the policy's exponential delay, with jitter."""
+        backoff = assignment.template.restart.backoff
+        if state.failures <= 1:
+            delay = 0.0
+        else:
+            base = backoff.delay(state.failures - 1)
+            delay = min(backoff.max, base * random.uniform(1 - JITTER, 1 + JITTER))
         state.not_before = time.monotonic() + delay
         return delay
 
-    async def on_exit(self, replica: str, code: int) -> None:
-        """The driver saw a replica end on its own: report it, then restart with backoff."""
+    async def on_exit(self, replica: str, code: int, reason: str = "") -> None:
+        """The driver saw a replica end on its own: report it, then restart it if its
+        policy says so."""
         state = self._replicas.setdefault(replica, _Replica())
         assignment = self.assignments.get(f"{self.node_id}.{replica}")
-        if assignment is None or self._stopping:
+        if assignment is None or assignment.draining or self._stopping:
             self.mark(replica)
             return
-        if state.started_at and time.monotonic() - state.started_at > HEALTHY_RESET:
+        await self._stop_probe(replica)
+        detail = f"exited with code {code}" + (f": {reason}" if reason else "")
+        await self._crashed(assignment, state, code, detail, stopped_by_us=False)
+
+    async def _crashed(
+        self,
+        assignment: Assignment,
+        state: _Replica,
+        code: int | None,
+        cause: str,
+        *,
+        stopped_by_us: bool,
+    ) -> None:
+        restart = assignment.template.restart
+        if (
+            state.ready_mono is not None
+            and time.monotonic() - state.ready_mono >= restart.reset_after
+        ):
             state.failures = 0
+        state.ready_at = None
+        state.ready_mono = None
+        exit_code = code if code is not None else -1
+        if not stopped_by_us and not restart.restarts_after(exit_code):
+            state.finished = True
+            final = ReplicaState.EXITED if exit_code == 0 else ReplicaState.FAILED
+            await self._report(
+                assignment,
+                final,
+                exit_code=code,
+                message=f"{cause}; not restarted (restart policy {restart.policy})",
+                event="exited" if exit_code == 0 else "failed",
+                restarts=state.restarts,
+            )
+            return
         state.failures += 1
         state.restarts += 1
-        delay = self._backoff(state)
-        what = "exited" if code == 0 else "failed"
+        delay = self._backoff(assignment, state)
+        action = "restarting now" if delay == 0 else f"restarting in {delay:.1f}s"
+        if stopped_by_us:
+            what, shown = "restarting", ReplicaState.UNHEALTHY
+        else:
+            what = "exited" if exit_code == 0 else "failed"
+            shown = ReplicaState.EXITED if exit_code == 0 else ReplicaState.FAILED
         await self._report(
             assignment,
-            ReplicaState.EXITED if code == 0 else ReplicaState.FAILED,
+            shown,
             exit_code=code,
-            message=f"exited with code {code}; restart in {delay:.0f}s",
+            message=f"{cause}; {action} (restart {state.restarts})",
             event=what,
             restarts=state.restarts,
         )
-        self._mark_later(replica, delay)
+        if delay > 0:
+            self._mark_later(assignment.replica, delay)
+        else:
+            self.mark(assignment.replica)
 
+    # reporting ----------------------------------------------------------------------------
     async def _report(
         self,
         assignment: Assignment,
         state: ReplicaState,
         *,
         event: str,
-        pid: int | None = None,
-        ports: dict[str, int] | None = None,
         exit_code: int | None = None,
         message: str = "",
         restarts: int = 0,
+        replica_state: _Replica | None = None,
     ) -> None:
         now = utcnow()
+        live = replica_state is not None
         status = ReplicaStatus(
             replica=assignment.replica,
             service=assignment.service,
             node=self.node_id,
             generation=assignment.generation,
             state=state,
-            pid=pid,
-            ports=ports or {},
+            pid=replica_state.pid if replica_state else None,
+            ports=dict(replica_state.ports) if replica_state else {},
             exit_code=exit_code,
             restarts=restarts,
             message=message,
             started_at=now if state == ReplicaState.RUNNING else None,
             updated_at=now,
+            ready=live and replica_state is not None and replica_state.ready_at is not None,
+            ready_at=replica_state.ready_at if replica_state else None,
         )
         await self.bus.buckets.replicas.put(f"{assignment.service}.{assignment.replica}", status)
         await self._event(
@@ -322,8 +479,8 @@ class AgentWorker:
             event,
             state,
             assignment.generation,
-            pid=pid,
-            ports=ports or {},
+            pid=status.pid,
+            ports=status.ports,
             exit_code=exit_code,
             message=message,
             correlation=assignment.correlation,

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 
-from corral.schemas.state import Assignment, ReplicaState, ReplicaStatus, ServiceRecord, Template
+from corral.schemas.state import (
+    LIVE_STATES,
+    Assignment,
+    ReplicaState,
+    ReplicaStatus,
+    ServiceRecord,
+    Template,
+)
 
 _ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
@@ -33,12 +41,24 @@ class Plan:
     """replicas to stop: marked draining, so their agent stops them and says so"""
     forget: list[Assignment] = field(default_factory=list)
     """draining replicas that have stopped (or whose node is gone): delete the assignment"""
+    lost: list[Assignment] = field(default_factory=list)
+    """active replicas on a lost node: delete the assignment, and place a replacement"""
     add: int = 0
     template: Template | None = None
+    ready: int = 0
+    """replicas of the current template that are ready (min_healthy not required)"""
+    old: int = 0
+    """active replicas of an older template still to be replaced"""
+    recheck_after: float | None = None
+    """seconds until a new replica's min_healthy window ends and the rollout can move on"""
+    failure: str = ""
+    """the rollout of the current template has failed, and why; the plan then holds"""
+    paused: bool = False
+    """a canary is ready and waits for promote or rollback"""
 
     @property
     def empty(self) -> bool:
-        return not self.drain and not self.forget and self.add == 0
+        return not self.drain and not self.forget and not self.lost and self.add == 0
 
 
 def _removal_order(
@@ -49,8 +69,8 @@ def _removal_order(
     """Who goes first on scale-in: replicas not running, then the most crowded nodes, then
     the newest."""
     status = statuses.get(assignment.replica)
-    running = status is not None and status.state == ReplicaState.RUNNING
-    return (1 if running else 0, -per_node[assignment.node], _neg_time(assignment))
+    live = status is not None and status.state in LIVE_STATES
+    return (1 if live else 0, -per_node[assignment.node], _neg_time(assignment))
 
 
 def _neg_time(assignment: Assignment) -> str:
@@ -59,34 +79,113 @@ def _neg_time(assignment: Assignment) -> str:
     return "".join(chr(0x7F - ord(c)) for c in stamp)
 
 
+def _is_ready(status: ReplicaStatus | None) -> bool:
+    return status is not None and status.ready and status.state in LIVE_STATES
+
+
+def _crashed(status: ReplicaStatus | None) -> str:
+    """Why a new replica counts as crashed during a rollout, or ''."""
+    if status is None:
+        return ""
+    if status.state in (ReplicaState.FAILED, ReplicaState.EXITED) or status.restarts > 0:
+        detail = status.message or (
+            f"exit code {status.exit_code}" if status.exit_code is not None else status.state
+        )
+        return f"replica {status.replica} crashed ({detail})"
+    return ""
+
+
+def _scale_in(
+    replicas: list[Assignment], surplus: int, statuses: dict[str, ReplicaStatus]
+) -> list[Assignment]:
+    if surplus <= 0:
+        return []
+    per_node = Counter(a.node for a in replicas)
+    ordered = sorted(replicas, key=lambda a: _removal_order(a, statuses, per_node))
+    return ordered[:surplus]
+
+
 def plan(
     record: ServiceRecord | None,
     assignments: list[Assignment],
     statuses: dict[str, ReplicaStatus],
     live_nodes: set[str] | None = None,
+    *,
+    now: datetime | None = None,
+    rollout_started: datetime | None = None,
 ) -> Plan:
     """`record` None means the service is gone: drain everything. `live_nodes`, when given,
-    lets a draining replica on a node that is no longer alive be forgotten at once."""
-    draining = [a for a in assignments if a.draining]
-    forget = [
+    names the nodes still alive: a replica on any other node is forgotten at once (and, if it
+    was active, replaced). `rollout_started` is when the current revision began to roll out,
+    for its progress deadline."""
+    now = now or datetime.now(UTC)
+    gone = [a for a in assignments if a.node not in live_nodes] if live_nodes is not None else []
+    gone_keys = {id(a) for a in gone}
+    present = [a for a in assignments if id(a) not in gone_keys]
+    lost = [a for a in gone if not a.draining]
+    draining = [a for a in present if a.draining]
+    forget = [a for a in gone if a.draining] + [
         a
         for a in draining
-        if a.replica not in statuses
-        or statuses[a.replica].state == ReplicaState.STOPPED
-        or (live_nodes is not None and a.node not in live_nodes)
+        if a.replica not in statuses or statuses[a.replica].state == ReplicaState.STOPPED
     ]
-    active = [a for a in assignments if not a.draining]
+    active = [a for a in present if not a.draining]
     if record is None:
-        return Plan(drain=active, forget=forget)
-    template = Template.from_spec(record.spec)
-    stale = [a for a in active if a.template != template]
+        return Plan(drain=active, forget=forget, lost=lost)
+    spec = record.spec
+    template = Template.from_spec(spec)
     current = [a for a in active if a.template == template]
-    desired = record.spec.replicas
-    surplus = len(current) - desired
-    drain = list(stale)
-    if surplus > 0:
-        per_node = Counter(a.node for a in current)
-        ordered = sorted(current, key=lambda a: _removal_order(a, statuses, per_node))
-        drain.extend(ordered[:surplus])
-    add = max(0, desired - len(current))
-    return Plan(drain=drain, forget=forget, add=add, template=template)
+    old = [a for a in active if a.template != template]
+    desired = spec.replicas
+    update = spec.update
+    ready_now = [a for a in current if _is_ready(statuses.get(a.replica))]
+
+    # new replicas count toward the rollout once they have been ready for min_healthy
+    settled = 0
+    recheck: float | None = None
+    for assignment in ready_now:
+        ready_at = statuses[assignment.replica].ready_at
+        waited = (now - ready_at).total_seconds() if ready_at is not None else 0.0
+        if waited >= update.min_healthy:
+            settled += 1
+        else:
+            left = update.min_healthy - waited
+            recheck = left if recheck is None else min(recheck, left)
+
+    base = Plan(forget=forget, lost=lost, template=template, ready=len(ready_now), old=len(old))
+    if not old:
+        drain = _scale_in(current, len(current) - desired, statuses)
+        return replace(base, drain=drain, add=max(0, desired - len(current)))
+
+    failure = next((why for a in current if (why := _crashed(statuses.get(a.replica)))), "")
+    if not failure and rollout_started is not None:
+        elapsed = (now - rollout_started).total_seconds()
+        if elapsed > update.progress_deadline:
+            failure = (
+                f"not ready within the progress deadline of {update.progress_deadline:g}s "
+                f"({len(ready_now)} of {desired} new replicas ready)"
+            )
+    if failure:
+        return replace(base, failure=failure)
+
+    old_ready = [a for a in old if _is_ready(statuses.get(a.replica))]
+    old_unready = [a for a in old if not _is_ready(statuses.get(a.replica))]
+    canary = update.canary > 0 and record.promoted_revision != record.revision
+    if canary and not record.rollback_of:
+        target = min(update.canary, desired)
+        drain = _scale_in(current, len(current) - target, statuses)
+        drain += _scale_in(old, len(old) - desired, statuses)
+        add = max(0, target - len(current))
+        paused = add == 0 and settled >= target
+        return replace(base, drain=drain, add=add, recheck_after=recheck, paused=paused)
+
+    surge, unavailable = update.steps(desired)
+    drain = _scale_in(current, len(current) - desired, statuses)
+    kept = min(len(current), desired)
+    add = max(0, min(desired - kept, desired + surge - kept - len(old)))
+    available = len(old_ready) + min(settled, desired)
+    may_stop = max(0, available - (desired - unavailable))
+    per_node = Counter(a.node for a in old)
+    old_ready.sort(key=lambda a: _removal_order(a, statuses, per_node))
+    drain += old_unready + old_ready[:may_stop]
+    return replace(base, drain=drain, add=add, recheck_after=recheck)

@@ -8,21 +8,25 @@ import asyncio
 import json
 import logging
 from collections import defaultdict
+from dataclasses import replace
+from datetime import datetime
 
 from faststream.nats import NatsBroker
 
 from corral.bus.leases import Lease
 from corral.bus.lifecycle import Loops
 from corral.bus.store import Mirror, Versioned
+from corral.schemas.commands import RollbackCommand
 from corral.schemas.envelope import utcnow
 from corral.schemas.errors import ConflictError
-from corral.schemas.events import ServiceProgress
+from corral.schemas.events import ReplicaEvent, RolloutEvent, ServiceProgress
 from corral.schemas.placement import PlacementReply, PlacementRequest
 from corral.schemas.state import (
     Assignment,
     NodeStatus,
-    ReplicaState,
     ReplicaStatus,
+    Rollout,
+    RolloutState,
     ServiceRecord,
     ServiceStatus,
 )
@@ -50,6 +54,9 @@ class DeployerWorker:
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self.loops = Loops("deployer")
+        self._leading_since: float | None = None
+        self._lost: set[str] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._announced: dict[str, tuple[int, str]] = {}
         self.services.listen(lambda key, _: self.mark(key))
         self.assignments.listen(self._on_assignment)
@@ -66,8 +73,12 @@ class DeployerWorker:
         self.lease.start()
         self.loops.spawn(self._loop(), "reconcile")
         self.loops.spawn(self._resync(), "resync")
+        self.loops.spawn(self._watch_nodes(), "node-liveness")
 
     async def stop(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         self._wake.set()
         await self.loops.stop()
         await self.lease.stop()
@@ -78,6 +89,45 @@ class DeployerWorker:
     def mark(self, service: str) -> None:
         self._dirty.add(service)
         self._wake.set()
+
+    def _mark_later(self, service: str, delay: float) -> None:
+        """Reconcile `service` again after `delay` seconds (one timer per service: the
+        earliest wins)."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        timer = self._timers.get(service)
+        if timer is not None and not timer.cancelled() and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+
+        def fire() -> None:
+            self._timers.pop(service, None)
+            self.mark(service)
+
+        self._timers[service] = loop.call_at(when, fire)
+
+    async def _watch_nodes(self) -> None:
+        """Notice a node going silent when its grace runs out, not at the next resync: sleep
+        until the earliest heartbeat would expire, then look again."""
+        grace = self.ctx.settings.node_grace
+        while self.loops.running:
+            now = utcnow()
+            ages = [(now - n.heartbeat_at).total_seconds() for n in self.nodes.values()]
+            upcoming = [grace - age for age in ages if age <= grace]
+            delay = min([*upcoming, 1.0])
+            if not await self.loops.sleep(max(0.05, delay + 0.01)):
+                return
+            live = self._live_nodes()
+            if live is None:
+                continue
+            lost = {n.id for n in self.nodes.values()} - live
+            if lost != self._lost:
+                changed = lost ^ self._lost
+                self._lost = lost
+                for service, keys in self.by_service.items():
+                    if any(a.node in changed for a in keys.values()):
+                        self.mark(service)
 
     def _on_assignment(self, key: str, item: Versioned[Assignment] | None) -> None:
         if item is None:
@@ -120,6 +170,7 @@ class DeployerWorker:
             if not leading:
                 # a new leader trusts nothing it saw while standing by: look at everything
                 leading = True
+                self._leading_since = asyncio.get_running_loop().time()
                 self._mark_everything()
             await self._wake.wait()
             self._wake.clear()
@@ -142,21 +193,62 @@ class DeployerWorker:
         current = list(self.by_service.get(name, {}).values())
         statuses = {s.replica: s for s in self.replicas_by_service.get(name, {}).values()}
         record_for_plan = None if record is None or record.deleted else record
-        the_plan = plan(record_for_plan, current, statuses, self._live_nodes())
+        now = utcnow()
+        rollout = self._rollout(record_for_plan, self.status.get(name), now)
+        progressing = rollout is not None and rollout.state == RolloutState.PROGRESSING
+        the_plan = plan(
+            record_for_plan,
+            current,
+            statuses,
+            self._live_nodes(),
+            now=now,
+            rollout_started=rollout.started_at if progressing and rollout else None,
+        )
+        if rollout is not None and rollout.state == RolloutState.FAILED and the_plan.old:
+            # a failed rollout holds where it stopped until a rollback or a new deploy
+            the_plan = replace(the_plan, drain=[], add=0)
         correlation = record.command_id if record else ""
         await self._remove(the_plan, correlation)
         pending, reason = 0, ""
         if the_plan.add:
             assert record_for_plan is not None
             pending, reason = await self._add(record_for_plan, the_plan, correlation)
-        await self._report(name, record, pending, reason, statuses)
+        if the_plan.recheck_after is not None:
+            self._mark_later(name, the_plan.recheck_after + 0.01)
+        await self._report(name, record, the_plan, rollout, pending, reason)
 
-    def _live_nodes(self) -> set[str]:
+    def _live_nodes(self) -> set[str] | None:
+        """Nodes whose heartbeat is within the grace, or None while this deployer has led for
+        less than the grace: after a restart, agents need that long to be heard again."""
         grace = self.ctx.settings.node_grace
+        if self._leading_since is None:
+            return None
+        if asyncio.get_running_loop().time() - self._leading_since < grace:
+            return None
         now = utcnow()
         return {
             n.id for n in self.nodes.values() if (now - n.heartbeat_at).total_seconds() <= grace
         }
+
+    def _rollout(
+        self, record: ServiceRecord | None, previous: ServiceStatus | None, now: datetime
+    ) -> Rollout | None:
+        """The rollout of the record's revision: the one under way, or a new one."""
+        if record is None:
+            return None
+        if (
+            previous is not None
+            and previous.rollout is not None
+            and previous.rollout.revision == record.revision
+        ):
+            return previous.rollout
+        replaced = previous.revision if previous is not None else 0
+        return Rollout(
+            revision=record.revision,
+            from_revision=replaced if replaced != record.revision else 0,
+            state=RolloutState.PROGRESSING,
+            started_at=now,
+        )
 
     async def _remove(self, the_plan: Plan, correlation: str) -> None:
         writes = []
@@ -172,12 +264,43 @@ class DeployerWorker:
         for assignment in the_plan.forget:
             key = f"{assignment.node}.{assignment.replica}"
             writes.append(self._forget_one(key, assignment.service))
+        for assignment in the_plan.lost:
+            writes.append(self._replace_lost(assignment, correlation))
         for result in await asyncio.gather(*writes, return_exceptions=True):
             if isinstance(result, Exception):
                 # a conflict means the key moved on under us: decide again on fresh state
                 if not isinstance(result, ConflictError):
                     log.warning("could not update an assignment: %s", result)
                 raise result
+
+    async def _replace_lost(self, assignment: Assignment, correlation: str) -> None:
+        """The node went silent: forget the replica there, so that a replacement is placed
+        elsewhere now, and its agent stops the stale one if the node ever comes back."""
+        key = f"{assignment.node}.{assignment.replica}"
+        await self._forget_one(key, assignment.service)
+        node = self.nodes.get(assignment.node)
+        silent = (
+            f" (no heartbeat for {(utcnow() - node.heartbeat_at).total_seconds():.1f}s)"
+            if node is not None
+            else ""
+        )
+        data = ReplicaEvent(
+            replica=assignment.replica,
+            service=assignment.service,
+            node=assignment.node,
+            generation=assignment.generation,
+            state="lost",
+            message=f"node {assignment.node} lost{silent}; placing a replacement on another node",
+            at=utcnow(),
+        )
+        await self.emitter.emit(
+            "replica",
+            assignment.service,
+            "lost",
+            data,
+            correlation=correlation or assignment.correlation or None,
+            event_id=f"{assignment.replica}.lost",
+        )
 
     async def _drain_one(self, key: str, marked: Assignment, revision: int) -> None:
         new_revision = await self.bus.buckets.assignments.update(key, marked, revision)
@@ -200,7 +323,7 @@ class DeployerWorker:
             replicas=replica_ids,
             resources=spec.resources.as_dict(),
             node_selector=dict(spec.placement.node_selector),
-            driver="process",
+            driver=spec.driver,
         )
         try:
             response = await self.bus.nc.request(
@@ -246,14 +369,16 @@ class DeployerWorker:
         self,
         name: str,
         record: ServiceRecord | None,
+        the_plan: Plan,
+        rollout: Rollout | None,
         pending: int,
         reason: str,
-        statuses: dict[str, ReplicaStatus],
     ) -> None:
         bucket = self.bus.buckets.service_status
         assigned = sum(1 for a in self.by_service.get(name, {}).values() if not a.draining)
         present = len(self.by_service.get(name, {}))
-        if record is None or (record.deleted and present == 0 and not statuses):
+        has_statuses = bool(self.replicas_by_service.get(name))
+        if record is None or (record.deleted and present == 0 and not has_statuses):
             if self.status.get(name) is not None:
                 await bucket.delete(name)
                 self.status.note_deleted(name)
@@ -261,6 +386,8 @@ class DeployerWorker:
                     await self._announce(name, record, "deleted", 0, 0, 0, "")
             return
         desired = 0 if record.deleted else record.spec.replicas
+        if rollout is not None and not record.deleted:
+            rollout = await self._advance(record, rollout, the_plan, desired, pending)
         previous = self.status.get(name)
         status = ServiceStatus(
             name=name,
@@ -270,6 +397,9 @@ class DeployerWorker:
             pending=pending,
             reason=reason,
             updated_at=utcnow(),
+            ready=the_plan.ready,
+            revision=record.revision,
+            rollout=rollout,
         )
         if (
             previous is None
@@ -277,14 +407,106 @@ class DeployerWorker:
         ):
             revision = await bucket.put(name, status)
             self.status.note_written(name, status, revision)
-        active = {a.replica for a in self.by_service.get(name, {}).values() if not a.draining}
-        running = sum(
-            1 for s in statuses.values() if s.state == ReplicaState.RUNNING and s.replica in active
-        )
         if pending:
             await self._announce(name, record, "unschedulable", desired, assigned, pending, reason)
-        elif not record.deleted and running == desired and assigned == desired:
+        elif (
+            not record.deleted
+            and the_plan.ready == desired
+            and the_plan.old == 0
+            and assigned == desired
+        ):
             await self._announce(name, record, "ready", desired, assigned, 0, "")
+
+    async def _advance(
+        self, record: ServiceRecord, rollout: Rollout, the_plan: Plan, desired: int, pending: int
+    ) -> Rollout:
+        """Move the rollout on from what the plan saw, and say so once per change."""
+        if rollout.state in (RolloutState.COMPLETE, RolloutState.FAILED):
+            return rollout
+        now = utcnow()
+        if the_plan.failure:
+            automatic = (
+                record.spec.update.auto_rollback
+                and not record.rollback_of
+                and rollout.from_revision > 0
+            )
+            action = (
+                f"rolling back to revision {rollout.from_revision}"
+                if automatic
+                else "holding: auto_rollback is off"
+                if rollout.from_revision and not record.rollback_of
+                else "holding: this revision is itself a rollback"
+            )
+            rollout = rollout.model_copy(
+                update={
+                    "state": RolloutState.FAILED,
+                    "reason": f"{the_plan.failure}; {action}",
+                    "finished_at": now,
+                }
+            )
+            await self._rollout_event(record, rollout, "rollout_failed", desired)
+            if automatic:
+                await self.emitter.command(
+                    "service",
+                    record.spec.name,
+                    "rollback",
+                    RollbackCommand(
+                        to_revision=rollout.from_revision,
+                        expected_revision=record.revision,
+                        reason=the_plan.failure,
+                    ),
+                    command_id=f"{record.command_id}.rollback",
+                    correlation=record.command_id,
+                )
+            return rollout
+        if the_plan.paused:
+            if rollout.state != RolloutState.PAUSED:
+                rollout = rollout.model_copy(
+                    update={
+                        "state": RolloutState.PAUSED,
+                        "reason": f"canary of {the_plan.ready} replica(s) ready; "
+                        f"`corral promote {record.spec.name}` or `corral rollback`",
+                    }
+                )
+                await self._rollout_event(record, rollout, "rollout_paused", desired)
+            return rollout
+        if the_plan.old == 0 and the_plan.ready == desired and pending == 0:
+            rollout = rollout.model_copy(
+                update={"state": RolloutState.COMPLETE, "reason": "", "finished_at": now}
+            )
+            if rollout.from_revision:
+                await self._rollout_event(record, rollout, "rollout_complete", desired)
+            return rollout
+        if rollout.state == RolloutState.PAUSED:
+            rollout = rollout.model_copy(update={"state": RolloutState.PROGRESSING, "reason": ""})
+        elif rollout.from_revision and the_plan.old and rollout.reason == "":
+            rollout = rollout.model_copy(
+                update={"reason": f"replacing revision {rollout.from_revision}"}
+            )
+            await self._rollout_event(record, rollout, "rollout_started", desired)
+        return rollout
+
+    async def _rollout_event(
+        self, record: ServiceRecord, rollout: Rollout, what: str, desired: int
+    ) -> None:
+        data = RolloutEvent(
+            name=record.spec.name,
+            generation=record.generation,
+            revision=rollout.revision,
+            from_revision=rollout.from_revision,
+            state=rollout.state.value,
+            reason=rollout.reason,
+            desired=desired,
+            rollback_of=record.rollback_of,
+        )
+        await self.emitter.emit(
+            "service",
+            record.spec.name,
+            what,
+            data,
+            correlation=record.command_id or None,
+            event_id=f"{record.command_id}.{what}" if record.command_id else None,
+        )
 
     async def _announce(
         self,

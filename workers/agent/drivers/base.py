@@ -15,6 +15,7 @@ class Launch:
     service: str
     node: str
     template: Template
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,19 @@ class Started:
     ports: dict[str, int] = field(default_factory=dict)
 
 
-ExitCallback = Callable[[str, int], Awaitable[None]]
-"""Called with (replica id, exit code) when a replica ends on its own."""
+@dataclass(frozen=True)
+class Recovered:
+    """What `recover` found of a previous agent's replicas on this node."""
+
+    adopted: dict[str, Started] = field(default_factory=dict)
+    """replicas still running that this driver now owns again (containers, found by label)"""
+    removed: list[str] = field(default_factory=list)
+    """replicas it stopped and removed: not claimed, or not adoptable (processes)"""
+
+
+ExitCallback = Callable[[str, int, str], Awaitable[None]]
+"""Called with (replica id, exit code, reason) when a replica ends on its own. The reason is
+empty, or says more than the code can (for example "out of memory")."""
 
 
 class DriverError(Exception):
@@ -40,13 +52,20 @@ class Driver(Protocol):
         """Start a replica; raise DriverError with a user-readable reason if it cannot."""
 
     async def stop(self, replica: str, grace: float) -> int | None:
-        """Stop a replica (SIGTERM, then kill after `grace`); return its exit code."""
+        """Stop a replica (SIGTERM, then kill after `grace`), remove what it leaves, and
+        return its exit code (None if it was not running)."""
 
     def running(self) -> set[str]:
         """Replica ids this driver runs now."""
 
-    async def clean_stale(self, pids: dict[str, int]) -> list[str]:
-        """Kill replicas a previous agent on this node left running; return their ids."""
+    async def recover(self, claimed: dict[str, int | None]) -> Recovered:
+        """Deal with what a previous agent on this node left running. `claimed` maps the ids
+        of replicas still assigned here to the pid last reported for them. Adopt the claimed
+        ones where the driver can; stop and remove everything else it owns."""
+
+    async def exec(self, replica: str, argv: list[str], timeout: float) -> int:
+        """Run `argv` beside (or inside) a running replica, for an exec probe; return its exit
+        code. Raise DriverError if it cannot run, TimeoutError past `timeout`."""
 
     async def close(self) -> None:
         """Release resources; does not stop replicas."""

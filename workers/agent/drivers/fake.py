@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from corral.workers.agent.drivers.base import ExitCallback, Launch, Started
+from corral.workers.agent.drivers.base import DriverError, ExitCallback, Launch, Recovered, Started
 
 
 class FakeDriver:
@@ -27,14 +27,19 @@ class FakeDriver:
     def running(self) -> set[str]:
         return set(self._running)
 
-    async def clean_stale(self, pids: dict[str, int]) -> list[str]:
-        return []
+    async def recover(self, claimed: dict[str, int | None]) -> Recovered:
+        return Recovered()
+
+    async def exec(self, replica: str, argv: list[str], timeout: float) -> int:
+        if replica not in self._running:
+            raise DriverError(f"replica {replica} is not running")
+        return 0
 
     async def crash(self, replica: str, code: int = 1) -> None:
         """Simulate a replica dying on its own (for tests)."""
         self._running.discard(replica)
         if self.on_exit is not None:
-            await self.on_exit(replica, code)
+            await self.on_exit(replica, code, "")
 
     async def close(self) -> None:
         return None

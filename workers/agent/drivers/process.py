@@ -15,7 +15,13 @@ from pathlib import Path
 import psutil
 
 from corral.schemas.spec import expand, port_environment
-from corral.workers.agent.drivers.base import DriverError, ExitCallback, Launch, Started
+from corral.workers.agent.drivers.base import (
+    DriverError,
+    ExitCallback,
+    Launch,
+    Recovered,
+    Started,
+)
 
 REPLICA_ENV = "CORRAL_REPLICA_ID"
 
@@ -36,6 +42,7 @@ def _child_setup() -> None:
 @dataclass
 class _Proc:
     process: asyncio.subprocess.Process
+    env: dict[str, str]
     waiter: asyncio.Task[None] | None = None
     stopping: bool = False
 
@@ -84,7 +91,7 @@ class ProcessDriver:
                 raise DriverError(f"command not executable: {argv[0]}") from exc
             except OSError as exc:
                 raise DriverError(f"cannot start {argv[0]}: {exc.strerror or exc}") from exc
-        proc = _Proc(process)
+        proc = _Proc(process, env)
         proc.waiter = asyncio.create_task(self._wait(launch.replica, proc), name=launch.replica)
         self._procs[launch.replica] = proc
         return Started(pid=process.pid, ports=ports)
@@ -94,7 +101,8 @@ class ProcessDriver:
         if self._procs.get(replica) is proc:
             del self._procs[replica]
         if not proc.stopping:
-            await self.on_exit(replica, code)
+            reason = f"killed by signal {-code}" if code < 0 else ""
+            await self.on_exit(replica, code, reason)
 
     async def stop(self, replica: str, grace: float) -> int | None:
         proc = self._procs.get(replica)
@@ -117,10 +125,12 @@ class ProcessDriver:
     def running(self) -> set[str]:
         return set(self._procs)
 
-    async def clean_stale(self, pids: dict[str, int]) -> list[str]:
+    async def recover(self, claimed: dict[str, int | None]) -> Recovered:
+        """A process cannot be adopted (it is not our child, so its exit cannot be awaited):
+        any replica a previous agent left running is killed, and started again if claimed."""
         cleaned: list[str] = []
-        for replica, pid in pids.items():
-            if replica in self._procs:
+        for replica, pid in claimed.items():
+            if replica in self._procs or pid is None:
                 continue
             try:
                 process = psutil.Process(pid)
@@ -132,7 +142,31 @@ class ProcessDriver:
             with contextlib.suppress(psutil.Error):
                 process.wait(timeout=5)
             cleaned.append(replica)
-        return cleaned
+        return Recovered(removed=cleaned)
+
+    async def exec(self, replica: str, argv: list[str], timeout: float) -> int:
+        """Run `argv` with the replica's environment (its ports included)."""
+        proc = self._procs.get(replica)
+        if proc is None:
+            raise DriverError(f"replica {replica} is not running")
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *argv,
+                env=proc.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_child_setup,
+            )
+        except OSError as exc:
+            raise DriverError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
+        try:
+            return await asyncio.wait_for(child.wait(), timeout)
+        except TimeoutError:
+            _signal_group(child.pid, signal.SIGKILL)
+            await child.wait()
+            raise
 
     async def close(self) -> None:
         for proc in list(self._procs.values()):

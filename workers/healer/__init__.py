@@ -1,0 +1,1 @@
+"""The healer: crash-loop detection and node-loss verdicts, each one an event."""
