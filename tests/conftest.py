@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from docker_support import busybox as busybox
+from docker_support import docker_engine as docker_engine
 from support import CORRAL, corral_env
 
 from corral.bus.connection import Bus
@@ -46,6 +48,7 @@ def settings(nats_url: str, tmp_path: Path) -> Settings:
         heartbeat_interval=0.25,
         node_grace=2.0,
         resync_interval=2.0,
+        docker="off",
     )
 
 

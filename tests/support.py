@@ -90,3 +90,25 @@ async def acli(
         await proc.wait()
         raise AssertionError(f"corral {' '.join(args)} took longer than {within}s") from None
     return Result(proc.returncode or 0, out.decode(), err.decode())
+
+
+async def command(bus: Any, verb: str, name: str, data: dict[str, Any] | None = None) -> str:
+    """Publish a service command as another system would; returns its id."""
+    import json
+    import uuid
+
+    command_id = uuid.uuid4().hex
+    headers = {
+        "ce-id": command_id,
+        "ce-source": "test",
+        "ce-type": f"io.corral.service.{verb}",
+        "ce-specversion": "1.0",
+    }
+    await bus.js.publish(
+        bus.names.cmd("service", name, verb), json.dumps(data or {}).encode(), headers=headers
+    )
+    return command_id
+
+
+async def replica_states(bus: Any, service: str) -> list[Any]:
+    return [v.value for v in (await bus.buckets.replicas.items(f"{service}.>")).values()]

@@ -8,7 +8,6 @@ import contextlib
 import ctypes
 import os
 import signal
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +21,9 @@ from corral.workers.agent.drivers.base import (
     Recovered,
     Started,
 )
+from corral.workers.agent.drivers.ports import free_port
 
 REPLICA_ENV = "CORRAL_REPLICA_ID"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _child_setup() -> None:
@@ -58,7 +52,7 @@ class ProcessDriver:
 
     async def start(self, launch: Launch) -> Started:
         template = launch.template
-        ports = {name: _free_port() for name in template.ports}
+        ports = {name: free_port() for name in template.ports}
         variables = port_environment(template.ports, list(ports.values()))
         variables.update(
             {
