@@ -112,3 +112,24 @@ async def command(bus: Any, verb: str, name: str, data: dict[str, Any] | None = 
 
 async def replica_states(bus: Any, service: str) -> list[Any]:
     return [v.value for v in (await bus.buckets.replicas.items(f"{service}.>")).values()]
+
+
+class Collected(list[Any]):
+    """Messages seen on a subject (subject, decoded payload), in order; `close()` ends it."""
+
+    sub: Any = None
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+            self.sub = None
+
+
+async def collect(bus: Any, subject: str) -> Collected:
+    seen = Collected()
+
+    async def on_msg(msg: Any) -> None:
+        seen.append((msg.subject, msg.data.decode()))
+
+    seen.sub = await bus.nc.subscribe(subject, cb=on_msg)
+    return seen

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import command, eventually, replica_states
+from support import collect, command, eventually, replica_states
 
 from corral.bus.store import Mirror
 from corral.schemas.state import LIVE_STATES, ReplicaState
@@ -67,10 +67,7 @@ async def test_an_unhealthy_replica_is_restarted_then_heals(
         },
         "restart": {"backoff": {"initial": "100ms", "max": "200ms"}},
     }
-    seen: list[str] = []
-    sub = await bus.nc.subscribe(
-        bus.names.evt("replica", "sick", "*"), cb=lambda m: seen.append(m.data.decode())
-    )
+    seen = await collect(bus, bus.names.evt("replica", "sick", "*"))
     async with control_plane(agents=[LOCAL]):
         await command(bus, "deploy", "sick", spec)
         healthy = await one_replica(bus, "sick", lambda s: s.state == ReplicaState.HEALTHY)
@@ -82,7 +79,7 @@ async def test_an_unhealthy_replica_is_restarted_then_heals(
             psutil.Process(healthy.pid).status() == psutil.STATUS_ZOMBIE
         )
         await eventually(
-            lambda: any("health probe failed 2 times in a row" in text for text in seen),
+            lambda: any("health probe failed 2 times in a row" in text for _, text in seen),
             what="an event naming the failed probe as the cause",
         )
         flag.unlink()
@@ -90,7 +87,7 @@ async def test_an_unhealthy_replica_is_restarted_then_heals(
             bus, "sick", lambda s: s.state == ReplicaState.HEALTHY and s.restarts >= 1
         )
         kill_on_exit.append(healed.pid)
-    await sub.unsubscribe()
+    await seen.close()
 
 
 @pytest.mark.parametrize(
@@ -128,10 +125,7 @@ async def test_a_crash_loop_marks_the_service_degraded(settings, bus, control_pl
             "crash_loop": {"restarts": 3, "window": "30s"},
         },
     }
-    degraded: list[bytes] = []
-    sub = await bus.nc.subscribe(
-        bus.names.evt("service", "loopy", "degraded"), cb=lambda m: degraded.append(m.data)
-    )
+    degraded = await collect(bus, bus.names.evt("service", "loopy", "degraded"))
     async with control_plane(workers=HEALER, agents=[LOCAL]):
         await command(bus, "deploy", "loopy", spec)
         await eventually(lambda: degraded, what="a degraded event")
@@ -142,7 +136,7 @@ async def test_a_crash_loop_marks_the_service_degraded(settings, bus, control_pl
         # backoff goes on: the replica keeps being restarted
         before = max(s.restarts for s in await replica_states(bus, "loopy"))
         await one_replica(bus, "loopy", lambda s: s.restarts > before)
-    await sub.unsubscribe()
+    await degraded.close()
 
 
 async def test_a_lost_node_is_replaced_and_its_return_brings_no_duplicates(
@@ -155,10 +149,7 @@ async def test_a_lost_node_is_replaced_and_its_return_brings_no_duplicates(
         "command": ["sleep", "600"],
         "placement": {"node_selector": {"pool": "p"}},
     }
-    lost_events: list[bytes] = []
-    sub = await bus.nc.subscribe(
-        bus.names.evt("node", "n2", "lost"), cb=lambda m: lost_events.append(m.data)
-    )
+    lost_events = await collect(bus, bus.names.evt("node", "n2", "lost"))
     agent = processes.start("agent", "--node-id", "n2", "--label", "pool=p", name="n2")
     replicas: Mirror = Mirror(bus.buckets.replicas)
     await replicas.start()
@@ -214,4 +205,4 @@ async def test_a_lost_node_is_replaced_and_its_return_brings_no_duplicates(
                     kill_on_exit.append(s.pid)
     finally:
         await replicas.stop()
-        await sub.unsubscribe()
+        await lost_events.close()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import acli, command, corral_env, eventually
+from support import acli, collect, command, corral_env, eventually
 
 from corral.bus.store import Mirror
 from corral.schemas.state import Assignment, ReplicaStatus, RolloutState
@@ -81,10 +81,7 @@ class Watch:
 
 
 async def test_rolling_update_keeps_every_replica_ready(settings, bus, control_plane) -> None:
-    events: list[str] = []
-    sub = await bus.nc.subscribe(
-        bus.names.evt("service", "web", "*"), cb=lambda m: events.append(m.subject)
-    )
+    events = await collect(bus, bus.names.evt("service", "web", "*"))
     async with control_plane(agents=[LOCAL]), Watch(bus, "web") as watch:
         await command(bus, "deploy", "web", spec("1"))
         await eventually(lambda: watch.versions() == ["1"] * 4, what="four v1 replicas ready")
@@ -101,11 +98,11 @@ async def test_rolling_update_keeps_every_replica_ready(settings, bus, control_p
         assert status.value.rollout.state == RolloutState.COMPLETE
         assert status.value.rollout.from_revision == 1 and status.value.revision == 2
         await eventually(
-            lambda: any(s.endswith(".rollout_complete") for s in events),
+            lambda: any(s.endswith(".rollout_complete") for s, _ in events),
             what="a rollout_complete event",
         )
-        assert any(s.endswith(".rollout_started") for s in events)
-    await sub.unsubscribe()
+        assert any(s.endswith(".rollout_started") for s, _ in events)
+    await events.close()
 
 
 async def test_a_failed_rollout_rolls_back_and_deploy_exits_4(

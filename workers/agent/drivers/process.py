@@ -67,8 +67,8 @@ class ProcessDriver:
         env.update(variables)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{launch.replica}.log"
-        log = await asyncio.to_thread(open, log_path, "ab")
-        with log:
+        # opened here, not in a thread: a cancelled thread hop would leak the file
+        with open(log_path, "ab") as log:  # noqa: ASYNC230
             try:
                 process = await asyncio.create_subprocess_exec(
                     *argv,
