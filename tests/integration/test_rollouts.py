@@ -93,9 +93,13 @@ async def test_rolling_update_keeps_every_replica_ready(settings, bus, control_p
             what="four v2 replicas ready and no v1 left",
         )
         assert watch.lowest_ready is not None and watch.lowest_ready >= 4
-        status = await bus.buckets.service_status.get("web")
-        assert status is not None and status.value.rollout is not None
-        assert status.value.rollout.state == RolloutState.COMPLETE
+
+        async def complete():
+            item = await bus.buckets.service_status.get("web")
+            rollout = item.value.rollout if item else None
+            return rollout is not None and rollout.state == RolloutState.COMPLETE and item
+
+        status = await eventually(complete, what="the rollout complete")
         assert status.value.rollout.from_revision == 1 and status.value.revision == 2
         await eventually(
             lambda: any(s.endswith(".rollout_complete") for s, _ in events),
@@ -109,7 +113,7 @@ async def test_a_failed_rollout_rolls_back_and_deploy_exits_4(
     settings, bus, control_plane, tmp_path: Path
 ) -> None:
     env = corral_env(settings)
-    bad = spec("2", command=["sh", "-c", "exit 1"])
+    bad = spec("2", replicas=3, command=["sh", "-c", "exit 1"])
     bad_file = tmp_path / "bad.json"
     bad_file.write_text(json.dumps({"name": "web", **bad}))
     async with control_plane(agents=[LOCAL]), Watch(bus, "web") as watch:

@@ -60,7 +60,18 @@ def status(replica: str, state: ReplicaState, node: str = "n1") -> ReplicaStatus
 
 
 def running(*assignments: Assignment) -> dict[str, ReplicaStatus]:
+    """Running but not (yet) ready: no probe has passed."""
     return {a.replica: status(a.replica, ReplicaState.RUNNING, a.node) for a in assignments}
+
+
+def ready(*assignments: Assignment) -> dict[str, ReplicaStatus]:
+    """Ready for long enough that min_healthy is over."""
+    return {
+        a.replica: status(a.replica, ReplicaState.HEALTHY, a.node).model_copy(
+            update={"ready": True, "ready_at": T0 - timedelta(hours=1)}
+        )
+        for a in assignments
+    }
 
 
 def names(assignments: list[Assignment]) -> list[str]:
@@ -94,6 +105,9 @@ def test_plan_empty_property() -> None:
     assert not Plan(add=1).empty
     assert not Plan(drain=[assign("a")]).empty
     assert not Plan(forget=[assign("a")]).empty
+    assert not Plan(lost=[assign("a")]).empty
+    # what is only reported leaves a plan empty
+    assert Plan(ready=2, old=1, recheck_after=1.0, failure="x", paused=True).empty
 
 
 def test_scale_up_from_nothing() -> None:
@@ -165,25 +179,54 @@ def test_scale_down_newest_first_with_sub_second_times() -> None:
     assert names(result.drain) == ["newer"]
 
 
-def test_template_change_drains_stale_and_adds_fresh() -> None:
+def test_template_change_rolls_instead_of_replacing_everything_at_once() -> None:
+    # ready old replicas stay until new ones take over; 25% of 3 rounds up to a surge of 1
     current = [assign("a", template=OLD), assign("b", template=OLD), assign("c", template=OLD)]
-    result = plan(record(3), current, running(*current))
+    result = plan(record(3), current, ready(*current), now=T0)
+    assert result.drain == []
+    assert result.add == 1
+    assert result.old == 3
+    assert result.ready == 0
+    assert result.template == CURRENT
+
+
+def test_template_change_drains_old_replicas_that_are_not_ready_at_once() -> None:
+    current = [assign("a", template=OLD), assign("b", template=OLD), assign("c", template=OLD)]
+    result = plan(record(3), current, running(*current), now=T0)
     assert sorted(names(result.drain)) == ["a", "b", "c"]
-    assert result.add == 3
+    # the surge still bounds what is added while the old ones are active
+    assert result.add == 1
     assert result.template == CURRENT
 
 
 def test_template_change_keeps_fresh_replicas() -> None:
     current = [assign("old", template=OLD), assign("new1"), assign("new2")]
-    result = plan(record(3), current, running(*current))
+    result = plan(record(3), current, running(*current), now=T0)
     assert names(result.drain) == ["old"]
     assert result.add == 1
+
+
+def test_template_change_drains_a_ready_old_replica_once_the_new_ones_are_settled() -> None:
+    current = [assign("old", template=OLD), assign("new1"), assign("new2"), assign("new3")]
+    result = plan(record(3), current, ready(*current), now=T0)
+    assert names(result.drain) == ["old"]
+    assert result.add == 0
+    assert result.ready == 3
+    assert result.old == 1
 
 
 def test_replicas_and_labels_are_not_part_of_the_template() -> None:
     current = [assign("a"), assign("b")]
     result = plan(record(2, labels={"team": "x"}), current, running(*current))
     assert result.empty
+
+
+def test_update_settings_are_not_part_of_the_template() -> None:
+    current = [assign("a"), assign("b")]
+    changed = record(2, update={"max_surge": 1, "min_healthy": "1m", "canary": 1})
+    result = plan(changed, current, running(*current))
+    assert result.empty
+    assert result.old == 0
 
 
 @pytest.mark.parametrize(
@@ -193,19 +236,25 @@ def test_replicas_and_labels_are_not_part_of_the_template() -> None:
         {"resources": {"cpu": "500m"}},
         {"ports": ["http"], "command": ["serve", "${PORT}"]},
         {"stop_grace_period": 1.0},
+        {"image": "busybox:1.36"},
+        {"health": {"exec": ["true"]}},
+        {"restart": {"policy": "never"}},
     ],
 )
 def test_any_runtime_change_makes_replicas_stale(change: dict[str, Any]) -> None:
     current = [assign("a"), assign("b")]
-    result = plan(record(2, **change), current, running(*current))
-    assert sorted(names(result.drain)) == ["a", "b"]
-    assert result.add == 2
+    result = plan(record(2, **change), current, ready(*current), now=T0)
+    assert result.old == 2
+    assert result.template != CURRENT
+    # a rollout begins: one surge replica of the new template, none of the old drained yet
+    assert result.add == 1
+    assert result.drain == []
 
 
-def test_template_change_with_scale_down() -> None:
+def test_template_change_with_scale_down_drains_surplus_new_and_unready_old() -> None:
     current = [assign("old", template=OLD), assign("n1", age=1), assign("n2", age=0)]
-    result = plan(record(1), current, running(*current))
-    assert names(result.drain) == ["old", "n2"]
+    result = plan(record(1), current, running(*current), now=T0)
+    assert names(result.drain) == ["n2", "old"]
     assert result.add == 0
 
 
@@ -272,9 +321,23 @@ def test_draining_replica_on_a_dead_node_is_forgotten() -> None:
     assert plan(record(0), [on_dead, on_live], statuses).forget == []
 
 
-def test_active_replicas_on_dead_nodes_are_not_forgotten() -> None:
-    current = [assign("a", node="dead")]
-    result = plan(record(1), current, running(*current), live_nodes=set())
+def test_active_replicas_on_dead_nodes_are_lost_and_replaced() -> None:
+    current = [assign("a", node="dead"), assign("b", node="live")]
+    result = plan(record(2), current, running(*current), live_nodes={"live"})
+    assert names(result.lost) == ["a"]
     assert result.forget == []
     assert result.drain == []
+    assert result.add == 1
+    # without a view of live nodes nothing is assumed lost
+    unjudged = plan(record(2), current, running(*current))
+    assert unjudged.lost == []
+    assert unjudged.empty
+
+
+def test_deleted_service_on_a_dead_node_is_lost_not_drained() -> None:
+    current = [assign("a", node="dead"), assign("b", node="live")]
+    result = plan(None, current, running(*current), live_nodes={"live"})
+    assert names(result.lost) == ["a"]
+    assert names(result.drain) == ["b"]
+    assert result.add == 0
 

@@ -113,11 +113,13 @@ def plan(
     *,
     now: datetime | None = None,
     rollout_started: datetime | None = None,
+    check_deadline: bool = True,
 ) -> Plan:
     """`record` None means the service is gone: drain everything. `live_nodes`, when given,
     names the nodes still alive: a replica on any other node is forgotten at once (and, if it
-    was active, replaced). `rollout_started` is when the current revision began to roll out,
-    for its progress deadline."""
+    was active, replaced). `rollout_started` is when the current revision began to roll out:
+    only replicas assigned since then count as its crashes, and with `check_deadline` its
+    progress deadline runs from then."""
     now = now or datetime.now(UTC)
     gone = [a for a in assignments if a.node not in live_nodes] if live_nodes is not None else []
     gone_keys = {id(a) for a in gone}
@@ -157,8 +159,13 @@ def plan(
         drain = _scale_in(current, len(current) - desired, statuses)
         return replace(base, drain=drain, add=max(0, desired - len(current)))
 
-    failure = next((why for a in current if (why := _crashed(statuses.get(a.replica)))), "")
-    if not failure and rollout_started is not None:
+    # only replicas this rollout started count: one that restarted before it says nothing
+    # about the revision being rolled out now (as when rolling back to old replicas)
+    fresh = [
+        a for a in current if rollout_started is None or a.assigned_at >= rollout_started
+    ]
+    failure = next((why for a in fresh if (why := _crashed(statuses.get(a.replica)))), "")
+    if not failure and rollout_started is not None and check_deadline:
         elapsed = (now - rollout_started).total_seconds()
         if elapsed > update.progress_deadline:
             failure = (

@@ -202,7 +202,8 @@ class DeployerWorker:
             statuses,
             self._live_nodes(),
             now=now,
-            rollout_started=rollout.started_at if progressing and rollout else None,
+            rollout_started=rollout.started_at if rollout is not None else None,
+            check_deadline=progressing,
         )
         if rollout is not None and rollout.state == RolloutState.FAILED and the_plan.old:
             # a failed rollout holds where it stopped until a rollback or a new deploy
