@@ -24,6 +24,9 @@ from corral.workers.agent.drivers.base import (
 from corral.workers.agent.drivers.ports import free_port
 
 REPLICA_ENV = "CORRAL_REPLICA_ID"
+RUNTIME_ENV = "CORRAL_RUNTIME"
+"""set to `process` in our replicas, so that a container's process (which carries the same
+replica id, and is visible from the host) is never taken for one of ours"""
 
 
 def _child_setup() -> None:
@@ -57,6 +60,7 @@ class ProcessDriver:
         variables.update(
             {
                 REPLICA_ENV: launch.replica,
+                RUNTIME_ENV: "process",
                 "CORRAL_SERVICE": launch.service,
                 "CORRAL_NODE": launch.node,
             }
@@ -128,7 +132,8 @@ class ProcessDriver:
                 continue
             try:
                 process = psutil.Process(pid)
-                if process.environ().get(REPLICA_ENV) != replica:
+                environ = process.environ()
+                if environ.get(REPLICA_ENV) != replica or environ.get(RUNTIME_ENV) != "process":
                     continue  # the pid was reused by something that is not ours
             except (psutil.Error, OSError):
                 continue
