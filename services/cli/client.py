@@ -128,9 +128,12 @@ class ServiceView:
         """Why the rollout of `revision` failed or was rolled back, or ''."""
         record, status = self.record, self.status
         if record is not None and record.rollback_of == revision:
+            restored = next(
+                (r.cause for r in record.revisions if r.revision == record.revision), ""
+            )
             return (
-                f"revision {revision} was rolled back; revision {record.revision} "
-                "restores an earlier one (`corral events --trace` says why)"
+                f"the rollout of revision {revision} failed and was rolled back: revision "
+                f"{record.revision} ({restored})"
             )
         rollout = status.rollout if status is not None else None
         if rollout is not None and rollout.revision == revision and rollout.state == "failed":

@@ -245,6 +245,7 @@ async def _wait_converged(
     *,
     gone: bool = False,
     revision: int | None = None,
+    command_id: str | None = None,
 ) -> client.ServiceView | None:
     """Wait until the service runs as desired (or is gone). With `revision`, fail with exit
     code 4 as soon as that revision's rollout fails or is rolled back."""
@@ -278,6 +279,8 @@ async def _wait_converged(
             elif view is not None:
                 failure = view.rollout_failure(revision) if revision is not None else ""
                 if failure:
+                    if command_id:
+                        failure += f"; `corral events --trace {command_id}` shows the chain"
                     raise client.CliError(failure, code=ROLLED_BACK)
                 note = view.state
                 if view.status and view.status.pending:
@@ -329,7 +332,12 @@ def deploy(
         revision = await _revision_of(bus, spec.name, int(data.get("generation") or 0))
         view = (
             await _wait_converged(
-                bus, spec.name, timeout, output == Output.table, revision=revision
+                bus,
+                spec.name,
+                timeout,
+                output == Output.table,
+                revision=revision,
+                command_id=outcome.event.correlation,
             )
             if wait
             else None

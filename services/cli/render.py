@@ -135,6 +135,14 @@ def event_line(event: CloudEvent) -> str:
         detail = f"{data['command']} -> generation {data['generation']}"
         if not data.get("changed", True):
             detail += " (no change)"
+    elif "from_revision" in data:
+        detail = f"revision {data.get('revision')}"
+        if data.get("from_revision"):
+            detail += f" replacing {data['from_revision']}"
+        if data.get("reason"):
+            detail += f": {data['reason']}"
+    elif "degraded" in data or ("node" in data and "state" in data):
+        detail = str(data.get("reason", ""))
     elif "desired" in data:
         detail = f"generation {data.get('generation')}: {data.get('assigned')}/{data['desired']}"
         if data.get("pending"):

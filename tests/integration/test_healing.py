@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -22,7 +23,7 @@ HEALER = ("api", "deployer", "scheduler", "healer")
 HTTP = [sys.executable, "-m", "http.server", "${PORT}", "--bind", "127.0.0.1"]
 
 
-async def one_replica(bus, service: str, predicate) -> object:
+async def one_replica(bus, service: str, predicate) -> Any:
     async def probe():
         states = await replica_states(bus, service)
         return next((s for s in states if predicate(s)), None)
@@ -43,7 +44,8 @@ async def test_kill_9_of_a_process_replica_restarts_it_at_once(
         await command(bus, "deploy", "web", spec)
         first = await one_replica(bus, "web", lambda s: s.state == ReplicaState.HEALTHY)
         kill_on_exit.append(first.pid)
-        assert first.ready and first.ready_at is not None
+        assert first.ready
+        assert first.ready_at is not None
         os.kill(first.pid, signal.SIGKILL)
         second = await one_replica(
             bus, "web", lambda s: s.state == ReplicaState.HEALTHY and s.pid != first.pid
@@ -130,7 +132,8 @@ async def test_a_crash_loop_marks_the_service_degraded(settings, bus, control_pl
         await command(bus, "deploy", "loopy", spec)
         await eventually(lambda: degraded, what="a degraded event")
         verdict = await bus.buckets.health.get("loopy")
-        assert verdict is not None and verdict.value.degraded
+        assert verdict is not None
+        assert verdict.value.degraded
         assert "crash loop" in verdict.value.reason
         assert "exited with code 1" in verdict.value.reason
         # backoff goes on: the replica keeps being restarted

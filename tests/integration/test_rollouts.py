@@ -92,7 +92,8 @@ async def test_rolling_update_keeps_every_replica_ready(settings, bus, control_p
             within=60,
             what="four v2 replicas ready and no v1 left",
         )
-        assert watch.lowest_ready is not None and watch.lowest_ready >= 4
+        assert watch.lowest_ready is not None
+        assert watch.lowest_ready >= 4
 
         async def complete():
             item = await bus.buckets.service_status.get("web")
@@ -100,7 +101,8 @@ async def test_rolling_update_keeps_every_replica_ready(settings, bus, control_p
             return rollout is not None and rollout.state == RolloutState.COMPLETE and item
 
         status = await eventually(complete, what="the rollout complete")
-        assert status.value.rollout.from_revision == 1 and status.value.revision == 2
+        assert status.value.rollout.from_revision == 1
+        assert status.value.revision == 2
         await eventually(
             lambda: any(s.endswith(".rollout_complete") for s, _ in events),
             what="a rollout_complete event",
@@ -123,7 +125,8 @@ async def test_a_failed_rollout_rolls_back_and_deploy_exits_4(
         assert result.returncode == 4, result
         assert "rolled back" in result.stderr or "failed" in result.stderr
         record = (await bus.buckets.services.get("web")).value
-        assert record.revision == 3 and record.rollback_of == 2
+        assert record.revision == 3
+        assert record.rollback_of == 2
         assert record.revisions[-1].cause == "rollback to 1"
         await eventually(
             lambda: watch.versions(ready_only=False) == ["1"] * 3 and watch.ready_count() == 3,
@@ -134,9 +137,11 @@ async def test_a_failed_rollout_rolls_back_and_deploy_exits_4(
         assert history.returncode == 0, history
         rows = json.loads(history.stdout)["revisions"]
         assert [r["revision"] for r in rows] == [1, 2, 3]
-        assert rows[-1]["current"] and rows[-1]["cause"] == "rollback to 1"
+        assert rows[-1]["current"]
+        assert rows[-1]["cause"] == "rollback to 1"
         trace = await acli(env, "events", "--trace", record.revisions[1].command_id)
-        assert "rollout_failed" in trace.stdout and "rollback" in trace.stdout, trace
+        assert "rollout_failed" in trace.stdout, trace
+        assert "rollback" in trace.stdout, trace
 
 
 async def test_rollback_by_hand_and_a_canary_promoted(settings, bus, control_plane) -> None:
@@ -166,4 +171,5 @@ async def test_rollback_by_hand_and_a_canary_promoted(settings, bus, control_pla
             what="three v1 replicas again",
         )
         bad = await acli(env, "rollback", "web", "--to", "9")
-        assert bad.returncode == 1 and "no revision 9" in bad.stderr, bad
+        assert bad.returncode == 1, bad
+        assert "no revision 9" in bad.stderr, bad

@@ -340,4 +340,3 @@ def test_deleted_service_on_a_dead_node_is_lost_not_drained() -> None:
     assert names(result.lost) == ["a"]
     assert names(result.drain) == ["b"]
     assert result.add == 0
-
