@@ -103,7 +103,7 @@ async def test_walkthrough(tmp_path: Path) -> None:
         service = (await status(env, "hello"))["services"][0]
         assert service["running"] == service["desired"] == 3
         for replica in service["replicas"]:
-            assert replica["state"] == "running"
+            assert replica["state"] == "healthy"  # hello.yaml has an http probe
             assert await asyncio.to_thread(http_ok, replica["ports"]["http"])
             seen_pids.add(replica["pid"])
 
