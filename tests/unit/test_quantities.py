@@ -1,4 +1,5 @@
-"""Resource quantities: cpu cores, bytes of memory, and the short form shown to people."""
+"""Resource quantities: cpu cores, bytes of memory, the short form shown to people, and
+durations."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import pytest
 
-from corral.schemas.quantities import format_bytes, parse_bytes, parse_cpu
+from corral.schemas.quantities import format_bytes, parse_bytes, parse_cpu, parse_duration
 
 
 @pytest.mark.parametrize(
@@ -134,3 +135,79 @@ def test_format_bytes_picks_the_largest_exact_or_rounded_unit(size: int, text: s
 @pytest.mark.parametrize("size", [0, 5, 1024, 3 * 2**20, 7 * 2**30, 2**40, 1536, 2**20 * 5 // 2])
 def test_format_then_parse_round_trips_exact_sizes(size: int) -> None:
     assert parse_bytes(format_bytes(size)) == size
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (0, 0.0),
+        (5, 5.0),
+        (2.5, 2.5),
+        ("0", 0.0),
+        ("2.5", 2.5),
+        ("10", 10.0),
+        ("500ms", 0.5),
+        ("1ms", 0.001),
+        ("0s", 0.0),
+        ("5s", 5.0),
+        ("1.5s", 1.5),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1m30s", 90.0),
+        ("1h30m", 5400.0),
+        ("1h0m1s500ms", 3601.5),
+        (" 5s ", 5.0),
+    ],
+)
+def test_parse_duration_reads_seconds_and_units(value: str | float, seconds: float) -> None:
+    result = parse_duration(value)
+    assert isinstance(result, float)
+    assert result == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        " ",
+        "s",
+        "ms",
+        "5x",
+        "5d",
+        "5 s",
+        "5S",
+        "5sec",
+        "1e3",
+        "-5s",
+        "-5",
+        "5s-",
+        "1m 30s",
+        "soon",
+    ],
+)
+def test_parse_duration_rejects_unreadable_text(value: str) -> None:
+    with pytest.raises(ValueError, match="cannot read duration"):
+        parse_duration(value)
+
+
+def test_parse_duration_error_suggests_forms() -> None:
+    with pytest.raises(ValueError, match=r"500ms, 5s, 5m, 1h"):
+        parse_duration("a while")
+
+
+@pytest.mark.parametrize("value", [-1, -0.5])
+def test_parse_duration_rejects_negative_numbers(value: float) -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_parse_duration_rejects_booleans(value: bool) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_parse_duration_rejects_non_finite_numbers(value: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        parse_duration(value)

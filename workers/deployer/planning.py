@@ -66,11 +66,12 @@ def _removal_order(
     statuses: dict[str, ReplicaStatus],
     per_node: Counter[str],
 ) -> tuple[int, int, str]:
-    """Who goes first on scale-in: replicas not running, then the most crowded nodes, then
-    the newest."""
+    """Who goes first on scale-in: replicas not running, then those running but not ready,
+    then the most crowded nodes, then the newest."""
     status = statuses.get(assignment.replica)
     live = status is not None and status.state in LIVE_STATES
-    return (1 if live else 0, -per_node[assignment.node], _neg_time(assignment))
+    rank = 2 if _is_ready(status) else 1 if live else 0
+    return (rank, -per_node[assignment.node], _neg_time(assignment))
 
 
 def _neg_time(assignment: Assignment) -> str:
@@ -96,13 +97,25 @@ def _crashed(status: ReplicaStatus | None) -> str:
 
 
 def _scale_in(
-    replicas: list[Assignment], surplus: int, statuses: dict[str, ReplicaStatus]
+    replicas: list[Assignment],
+    surplus: int,
+    statuses: dict[str, ReplicaStatus],
+    prefer: list[str] | None = None,
 ) -> list[Assignment]:
+    """The `surplus` replicas to stop. Those in `prefer` (the least busy first, as the scale
+    command named them) go before the others, in that order; a replica that is not running
+    goes before any of them, as it has no work in flight at all."""
     if surplus <= 0:
         return []
     per_node = Counter(a.node for a in replicas)
-    ordered = sorted(replicas, key=lambda a: _removal_order(a, statuses, per_node))
-    return ordered[:surplus]
+    rank = {replica: index for index, replica in enumerate(prefer or [])}
+    unranked = len(rank)
+
+    def order(a: Assignment) -> tuple[int, int, int, str]:
+        live, crowding, newest = _removal_order(a, statuses, per_node)
+        return (live, rank.get(a.replica, unranked), crowding, newest)
+
+    return sorted(replicas, key=order)[:surplus]
 
 
 def plan(
@@ -117,9 +130,9 @@ def plan(
 ) -> Plan:
     """`record` None means the service is gone: drain everything. `live_nodes`, when given,
     names the nodes still alive: a replica on any other node is forgotten at once (and, if it
-    was active, replaced). `rollout_started` is when the current revision began to roll out:
-    only replicas assigned since then count as its crashes, and with `check_deadline` its
-    progress deadline runs from then."""
+    was active, replaced). `rollout_started`, given while a rollout of the current revision
+    is under way, is when it began: a replica assigned since then that crashes fails it, and
+    with `check_deadline` so does its progress deadline. Without it nothing fails."""
     now = now or datetime.now(UTC)
     gone = [a for a in assignments if a.node not in live_nodes] if live_nodes is not None else []
     gone_keys = {id(a) for a in gone}
@@ -143,31 +156,28 @@ def plan(
     ready_now = [a for a in current if _is_ready(statuses.get(a.replica))]
 
     # new replicas count toward the rollout once they have been ready for min_healthy
-    settled = 0
+    settled: set[str] = set()
     recheck: float | None = None
     for assignment in ready_now:
         ready_at = statuses[assignment.replica].ready_at
         waited = (now - ready_at).total_seconds() if ready_at is not None else 0.0
         if waited >= update.min_healthy:
-            settled += 1
+            settled.add(assignment.replica)
         else:
             left = update.min_healthy - waited
             recheck = left if recheck is None else min(recheck, left)
 
     base = Plan(forget=forget, lost=lost, template=template, ready=len(ready_now), old=len(old))
-    if not old:
-        drain = _scale_in(current, len(current) - desired, statuses)
-        return replace(base, drain=drain, add=max(0, desired - len(current)))
-
-    # only replicas this rollout started count: one that restarted before it says nothing
-    # about the revision being rolled out now (as when rolling back to old replicas)
-    fresh = [
-        a for a in current if rollout_started is None or a.assigned_at >= rollout_started
-    ]
-    failure = next((why for a in fresh if (why := _crashed(statuses.get(a.replica)))), "")
-    if not failure and rollout_started is not None and check_deadline:
+    # a rollout under way fails when a replica it started crashes, or on its deadline; only
+    # replicas this rollout started count: one that restarted before it says nothing about
+    # the revision being rolled out now (as when rolling back to old replicas)
+    failure = ""
+    if rollout_started is not None:
+        fresh = [a for a in current if a.assigned_at >= rollout_started]
+        failure = next((why for a in fresh if (why := _crashed(statuses.get(a.replica)))), "")
         elapsed = (now - rollout_started).total_seconds()
-        if elapsed > update.progress_deadline:
+        done = not old and len(ready_now) >= desired
+        if not failure and check_deadline and not done and elapsed > update.progress_deadline:
             failure = (
                 f"not ready within the progress deadline of {update.progress_deadline:g}s "
                 f"({len(ready_now)} of {desired} new replicas ready)"
@@ -175,22 +185,27 @@ def plan(
     if failure:
         return replace(base, failure=failure)
 
+    if not old:
+        drain = _scale_in(current, len(current) - desired, statuses, record.prefer_remove)
+        return replace(base, drain=drain, add=max(0, desired - len(current)))
+
     old_ready = [a for a in old if _is_ready(statuses.get(a.replica))]
     old_unready = [a for a in old if not _is_ready(statuses.get(a.replica))]
     canary = update.canary > 0 and record.promoted_revision != record.revision
     if canary and not record.rollback_of:
         target = min(update.canary, desired)
-        drain = _scale_in(current, len(current) - target, statuses)
-        drain += _scale_in(old, len(old) - desired, statuses)
+        drain = _scale_in(current, len(current) - target, statuses, record.prefer_remove)
+        drain += _scale_in(old, len(old) - desired, statuses, record.prefer_remove)
         add = max(0, target - len(current))
-        paused = add == 0 and settled >= target
+        paused = add == 0 and len(settled) >= target
         return replace(base, drain=drain, add=add, recheck_after=recheck, paused=paused)
 
     surge, unavailable = update.steps(desired)
-    drain = _scale_in(current, len(current) - desired, statuses)
+    drain = _scale_in(current, len(current) - desired, statuses, record.prefer_remove)
     kept = min(len(current), desired)
     add = max(0, min(desired - kept, desired + surge - kept - len(old)))
-    available = len(old_ready) + min(settled, desired)
+    leaving = {a.replica for a in drain}
+    available = len(old_ready) + len(settled - leaving)
     may_stop = max(0, available - (desired - unavailable))
     per_node = Counter(a.node for a in old)
     old_ready.sort(key=lambda a: _removal_order(a, statuses, per_node))

@@ -175,6 +175,7 @@ class DeployerWorker:
             await self._wake.wait()
             self._wake.clear()
             batch, self._dirty = self._dirty, set()
+            failed = False
             for name in sorted(batch):
                 if not self.lease.held.is_set():
                     self._dirty.update(batch)
@@ -184,7 +185,11 @@ class DeployerWorker:
                 except Exception:
                     log.exception("reconcile %s failed; will retry", name)
                     self._dirty.add(name)
-            if self._dirty and await self.loops.sleep(0.2):
+                    failed = True
+            if not self._dirty:
+                continue
+            # what changed while we worked goes at once; after a failure, pause a little
+            if not failed or await self.loops.sleep(0.2):
                 self._wake.set()
 
     # reconcile ----------------------------------------------------------------------------
@@ -196,16 +201,22 @@ class DeployerWorker:
         now = utcnow()
         rollout = self._rollout(record_for_plan, self.status.get(name), now)
         progressing = rollout is not None and rollout.state == RolloutState.PROGRESSING
+        # a first revision has nothing to fall back to: its crashes are the restart policy's
+        under_way = (
+            rollout is not None
+            and rollout.from_revision > 0
+            and rollout.state in (RolloutState.PROGRESSING, RolloutState.PAUSED)
+        )
         the_plan = plan(
             record_for_plan,
             current,
             statuses,
             self._live_nodes(),
             now=now,
-            rollout_started=rollout.started_at if rollout is not None else None,
+            rollout_started=rollout.started_at if under_way and rollout is not None else None,
             check_deadline=progressing,
         )
-        if rollout is not None and rollout.state == RolloutState.FAILED and the_plan.old:
+        if rollout is not None and rollout.state == RolloutState.FAILED:
             # a failed rollout holds where it stopped until a rollback or a new deploy
             the_plan = replace(the_plan, drain=[], add=0)
         correlation = record.command_id if record else ""
