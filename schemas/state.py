@@ -56,6 +56,11 @@ class ServiceRecord(Record):
     rollback_of: int = Field(
         default=0, description="this revision undoes that one; it is never rolled back itself"
     )
+    prefer_remove: list[str] = Field(
+        default_factory=list,
+        description="replicas the last scale command named to go first on scale-in (least busy "
+        "first)",
+    )
 
 
 class Template(Record):
