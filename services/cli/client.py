@@ -171,7 +171,7 @@ class ServiceView:
         for replica_id in ids:
             assignment = by_id.get(replica_id)
             status = self.replicas.get(replica_id)
-            state = status.state.value if status else "assigned"
+            state = status.state.value if status else "pending"
             if assignment is not None and assignment.draining:
                 state = "stopping"
             replicas.append(
