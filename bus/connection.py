@@ -25,6 +25,7 @@ from corral.bus.settings import Settings
 from corral.bus.store import Bucket
 from corral.schemas.state import (
     Assignment,
+    AutoscaleStatus,
     NodeStatus,
     ReplicaStatus,
     ServiceHealth,
@@ -45,6 +46,7 @@ class Buckets:
     nodes: Bucket[NodeStatus]
     health: Bucket[ServiceHealth]
     leases: KeyValue
+    autoscale: Bucket[AutoscaleStatus]
 
 
 class Bus:
@@ -122,6 +124,7 @@ class Bus:
             self._bucket(n.nodes, ttl=3600.0),
             self._bucket(n.leases),
             self._bucket(n.health),
+            self._bucket(n.autoscale),
         )
         self._buckets = Buckets(
             services=Bucket(kvs[0], ServiceRecord),
@@ -131,6 +134,7 @@ class Bus:
             nodes=Bucket(kvs[4], NodeStatus),
             health=Bucket(kvs[6], ServiceHealth),
             leases=kvs[5],
+            autoscale=Bucket(kvs[7], AutoscaleStatus),
         )
 
     async def _stream(self, config: StreamConfig) -> None:

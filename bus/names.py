@@ -51,6 +51,10 @@ class Names:
     def leases(self) -> str:
         return f"{self.prefix}-leases"
 
+    @property
+    def autoscale(self) -> str:
+        return f"{self.prefix}-autoscale"
+
     # subjects
     def cmd(self, resource: str = "*", name: str = "*", verb: str = "*") -> str:
         return f"{self.prefix}.cmd.{resource}.{name}.{verb}"
@@ -61,7 +65,7 @@ class Names:
     def dlq(self, subject: str) -> str:
         return f"{self.prefix}.dlq.{subject}"
 
-    def metrics(self, service: str) -> str:
+    def metrics(self, service: str = "*") -> str:
         return f"{self.prefix}.metrics.{service}"
 
     @property

@@ -35,10 +35,34 @@ class Settings(BaseSettings):
     resync_interval: float = Field(default=10.0, gt=0)
     duplicate_window: float = Field(default=120.0, gt=0)
     source: str = "corral"
+    metrics_interval: float = Field(
+        default=2.0, gt=0, description="agents publish every replica's cpu and memory this often"
+    )
+    autoscale_poll_interval: float = Field(
+        default=5.0, gt=0, description="the autoscaler reads pulled sources this often"
+    )
+    prometheus_url: str | None = Field(
+        default=None, description="the Prometheus server autoscale queries go to by default"
+    )
     docker: str = Field(
         default="auto",
         pattern=r"^(auto|on|off)$",
         description="containers on a real node: auto (when an engine answers), on, or off",
+    )
+    gateway_host: str = Field(
+        default="127.0.0.1", min_length=1, description="the HTTP gateway listens on this address"
+    )
+    gateway_port: int = Field(
+        default=8080, ge=0, le=65535, description="the HTTP gateway's port; 0 picks a free one"
+    )
+    gateway_max_body: int = Field(
+        default=1024 * 1024, gt=0, description="the largest request body the gateway reads"
+    )
+    gateway_rate_limit: float = Field(
+        default=50.0, ge=0, description="requests per second for each API token or webhook; 0: off"
+    )
+    gateway_rate_burst: int = Field(
+        default=100, ge=1, description="how many requests a token may send at once"
     )
 
     @field_validator("node_id")

@@ -10,10 +10,20 @@ from corral.schemas.spec import MAX_REPLICAS, ServiceSpec
 TYPE_PREFIX = "io.corral."
 
 
+MAX_PREFER_REMOVE = 256
+"""how many replica ids a scale command may name as the first to go"""
+
+
 class ScaleCommand(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     replicas: int = Field(ge=0, le=MAX_REPLICAS)
+    prefer_remove: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_PREFER_REMOVE,
+        description="on scale-in, remove these replicas first, in this order (least busy "
+        "first); the rest follow the usual order",
+    )
 
 
 class DeleteCommand(BaseModel):

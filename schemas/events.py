@@ -102,3 +102,70 @@ class NodeEvent(EventData):
     state: str
     reason: str
     heartbeat_at: datetime | None = None
+
+
+class MetricSample(BaseModel):
+    """One gauge reading on `<prefix>.metrics.<service>` (core NATS, plain JSON: one object, or
+    an array of them). Replicas publish their own; agents publish `cpu` (cores) and `memory`
+    (bytes) for every replica they run."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
+    value: float = Field(allow_inf_nan=False)
+    replica: str = Field(min_length=1, max_length=253)
+
+
+class AutoscaleProposal(BaseModel):
+    """What one metric asks for, and how it got there."""
+
+    model_config = ConfigDict(frozen=True)
+
+    metric: str = Field(description="e.g. `metric cpu`, `queue ORDERS/work`, `prometheus <q>`")
+    value: float | None = Field(
+        default=None, description="the observed value: per-replica average, total, or value"
+    )
+    target: float
+    ratio: float | None = Field(default=None, description="value / target (per replica)")
+    replicas: int | None = Field(default=None, description="the proposal; None: no reading")
+    formula: str = ""
+    note: str = Field(default="", description="tolerance, missing samples, or the read error")
+
+
+class AutoscaleDecision(EventData):
+    """One evaluation of a service's autoscale policy, with its inputs."""
+
+    name: str = ""
+    at: datetime | None = None
+    trigger: str = Field(default="", description="what woke the evaluation")
+    current: int
+    desired: int
+    action: str = Field(description="scale_up | scale_down | none")
+    code: str = Field(
+        description="scale_up, scale_down, activated, cooldown, above_max, below_min, "
+        "tolerance, stabilized, limited, at_max, at_min, missing_metrics, idle, disabled, "
+        "steady"
+    )
+    reason: str
+    recommended: int | None = Field(default=None, description="the largest proposal")
+    stabilized: int | None = Field(default=None, description="after the stabilisation window")
+    limited_by: str = Field(
+        default="",
+        description="scale_up_limit, scale_down_limit, too_many_replicas, too_few_replicas",
+    )
+    proposals: list[AutoscaleProposal] = Field(default_factory=list)
+    replicas: int = Field(default=0, description="running replicas it counted")
+    ready: int = Field(default=0, description="of which ready")
+    prefer_remove: list[str] = Field(default_factory=list)
+    command_id: str = ""
+    recheck_after: float | None = None
+
+
+class ColdStartEvent(EventData):
+    """A service woke from zero: activation to its first ready replica."""
+
+    name: str
+    seconds: float
+    trigger: str
+    replica: str
+    command_id: str = ""

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from corral.schemas.autoscale import Autoscale
 from corral.schemas.quantities import parse_bytes, parse_cpu, parse_duration
 
 DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -243,6 +244,10 @@ class ServiceSpec(StrictModel):
     health: Health | None = None
     restart: Restart = Field(default_factory=Restart)
     update: Update = Field(default_factory=Update)
+    autoscale: Autoscale | None = Field(
+        default=None,
+        description="scale `replicas` between min and max by metrics; changing it rolls nothing",
+    )
 
     @field_validator("env")
     @classmethod

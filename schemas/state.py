@@ -8,6 +8,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from corral.schemas.events import AutoscaleDecision, ColdStartEvent
 from corral.schemas.spec import Health, Resources, Restart, ServiceSpec
 
 
@@ -191,3 +192,16 @@ class ServiceHealth(Record):
     reason: str = ""
     since: datetime
     restarts_in_window: int = 0
+
+
+class AutoscaleStatus(Record):
+    """The autoscaler's recent decisions on a service. Owner: the autoscaler that holds the
+    lease. Key: the service name."""
+
+    name: str
+    updated_at: datetime
+    decisions: list[AutoscaleDecision] = Field(
+        default_factory=list, description="the latest ones, oldest first"
+    )
+    cold_start: ColdStartEvent | None = Field(default=None, description="the latest one")
+    invalid_samples: int = Field(default=0, description="metric samples it could not read")

@@ -28,6 +28,7 @@ from corral.workers.agent.drivers.multi import MultiDriver
 from corral.workers.agent.drivers.process import ProcessDriver
 from corral.workers.agent.worker import AgentWorker
 from corral.workers.api.worker import ApiWorker
+from corral.workers.autoscaler.worker import AutoscalerWorker
 from corral.workers.deployer.worker import DeployerWorker
 from corral.workers.healer.worker import HealerWorker
 from corral.workers.runtime import Context, Worker
@@ -91,6 +92,8 @@ def make_worker(name: str, ctx: Context) -> Worker:
         return SchedulerWorker(ctx)
     if name == "healer":
         return HealerWorker(ctx)
+    if name == "autoscaler":
+        return AutoscalerWorker(ctx)
     raise ValueError(f"unknown worker {name!r}; choose from {', '.join(WORKERS)}")
 
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from nats.errors import NoServersError
@@ -24,9 +24,15 @@ from corral.bus.settings import Settings
 from corral.schemas.errors import InvalidInput, field_errors_from_pydantic
 from corral.schemas.spec import Resources
 from corral.services.cli import client, render
+from corral.services.cli.autoscale import autoscale_app
 from corral.services.cli.schema import export_schemas
 from corral.services.cli.specs import describe, load_service_spec
 from corral.workers import NAMES as WORKERS
+
+if TYPE_CHECKING:
+    import socket
+
+    from corral.services.gateway.config import GatewayConfig
 
 app = typer.Typer(
     name="corral",
@@ -37,6 +43,7 @@ app = typer.Typer(
 )
 schema_app = typer.Typer(no_args_is_help=True, help="JSON Schema of specs, commands and events.")
 app.add_typer(schema_app, name="schema")
+app.add_typer(autoscale_app, name="autoscale")
 out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
@@ -114,34 +121,140 @@ def _logging(level: str) -> None:
 
 
 # running ------------------------------------------------------------------------------------
+GatewayPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--gateway-port", help="the HTTP gateway's port (default 8080); 0 picks a free one"
+    ),
+]
+InsecureLocalOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-local",
+        help="with no API tokens configured, let every caller use the gateway as admin "
+        "(only on a loopback address)",
+    ),
+]
+
+
+def _gateway_setup(settings: Settings, insecure_local: bool) -> tuple[GatewayConfig, socket.socket]:
+    """The gateway's config and its listening socket, bound before anything starts so that a
+    taken port is reported at once; exits with a message on a bad configuration."""
+    from corral.services.gateway.config import GatewayConfig, GatewayConfigError
+    from corral.services.gateway.worker import GatewayBindError, bind_socket, is_loopback
+
+    if insecure_local and not is_loopback(settings.gateway_host):
+        err.print(
+            f"[red]error:[/red] --insecure-local needs a loopback address, and the gateway "
+            f"would listen on {settings.gateway_host} (CORRAL_GATEWAY_HOST)"
+        )
+        raise typer.Exit(2)
+    try:
+        config = GatewayConfig.from_env(insecure_local=insecure_local)
+    except GatewayConfigError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    try:
+        sock = bind_socket(settings.gateway_host, settings.gateway_port)
+    except GatewayBindError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    return config, sock
+
+
+def _gateway_note(gateway: Any) -> str:
+    config = gateway.config
+    if config.tokens:
+        auth = f"{len(config.tokens)} API token(s)"
+    elif config.open_locally:
+        auth = "[yellow]no tokens: every local caller is admin (--insecure-local)[/yellow]"
+    else:
+        auth = "no API tokens: API calls get 401 until CORRAL_GATEWAY_TOKENS is set"
+    return f"gateway: {gateway.url} ({auth})"
+
+
 @app.command()
 def up(
     data_dir: DataDirOpt = None,
     port: Annotated[int | None, typer.Option(help="NATS port; 0 picks a free one")] = None,
     node_id: Annotated[str | None, typer.Option("--node-id", help="the local node's id")] = None,
     agent: Annotated[bool, typer.Option(help="run a local node agent (process driver)")] = True,
+    gateway: Annotated[bool, typer.Option(help="run the HTTP gateway and webhooks")] = True,
+    gateway_port: GatewayPortOpt = None,
+    insecure_local: InsecureLocalOpt = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "warning",
 ) -> None:
-    """Start NATS (embedded unless CORRAL_NATS_URL is set), every worker and a local agent."""
+    """Start NATS (embedded unless CORRAL_NATS_URL is set), every worker, a local agent and
+    the HTTP gateway."""
     from corral.services.runner import make_agent, make_worker, serve
 
     _logging(log_level)
-    settings = _settings(data_dir, nats_port=port, node_id=node_id)
+    settings = _settings(data_dir, nats_port=port, node_id=node_id, gateway_port=gateway_port)
+    setup = _gateway_setup(settings, insecure_local) if gateway else None
+    hosted: list[Any] = []
 
     def build(ctx: Any) -> list[Any]:
         workers = [make_worker(name, ctx) for name in WORKERS]
         if agent:
             workers.append(make_agent(ctx, node_id=settings.node_id))
+        if setup is not None:
+            from corral.services.gateway.worker import GatewayWorker
+
+            hosted.append(GatewayWorker(ctx, setup[0], sock=setup[1]))
+            workers.extend(hosted)
         return workers
 
     def ready(url: str) -> None:
         out.print(f"NATS: {url}")
         out.print(f"data: {settings.data_dir.resolve()}")
+        if hosted:
+            out.print(_gateway_note(hosted[0]))
         names = ", ".join([*WORKERS, f"agent {settings.node_id}" if agent else ""]).strip(", ")
         out.print(f"[green]Corral is ready[/green] (workers: {names}). Ctrl-C stops it.")
 
-    _run(serve(settings, build, embedded=True, on_ready=ready))
+    try:
+        _run(serve(settings, build, embedded=True, on_ready=ready))
+    finally:
+        if setup is not None:
+            setup[1].close()
     out.print("Corral stopped.")
+
+
+@app.command("gateway")
+def gateway_cmd(
+    host: Annotated[
+        str | None, typer.Option(help="the address to listen on (default 127.0.0.1)")
+    ] = None,
+    gateway_port: Annotated[
+        int | None, typer.Option("--port", help="the port (default 8080); 0 picks a free one")
+    ] = None,
+    insecure_local: InsecureLocalOpt = False,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Run the HTTP gateway and webhooks alone, against CORRAL_NATS_URL (or the NATS a local
+    `corral up` started)."""
+    from corral.services.gateway.worker import GatewayWorker
+    from corral.services.runner import serve
+
+    _logging(log_level)
+    settings = _settings(gateway_host=host, gateway_port=gateway_port)
+    config, sock = _gateway_setup(settings, insecure_local)
+    hosted: list[Any] = []
+
+    def build(ctx: Any) -> list[Any]:
+        hosted.append(GatewayWorker(ctx, config, sock=sock))
+        return hosted
+
+    try:
+        _run(
+            serve(
+                settings,
+                build,
+                on_ready=lambda url: err.print(f"{_gateway_note(hosted[0])}, NATS {url}"),
+            )
+        )
+    finally:
+        sock.close()
 
 
 @app.command()

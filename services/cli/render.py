@@ -143,6 +143,10 @@ def event_line(event: CloudEvent) -> str:
             detail += f": {data['reason']}"
     elif "degraded" in data or ("node" in data and "state" in data):
         detail = str(data.get("reason", ""))
+    elif "code" in data and "current" in data:  # an autoscale decision
+        detail = f"{data['current']} -> {data['desired']} {data['code']}: {data.get('reason')}"
+    elif "seconds" in data and "trigger" in data:  # an autoscale cold start
+        detail = f"cold start {data['seconds']:.3f}s after {data['trigger']}"
     elif "desired" in data:
         detail = f"generation {data.get('generation')}: {data.get('assigned')}/{data['desired']}"
         if data.get("pending"):

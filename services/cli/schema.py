@@ -10,8 +10,11 @@ from pydantic import BaseModel
 from corral.schemas.commands import COMMANDS, command_type
 from corral.schemas.envelope import CloudEvent
 from corral.schemas.events import (
+    AutoscaleDecision,
+    ColdStartEvent,
     CommandAccepted,
     CommandRejected,
+    MetricSample,
     ReplicaEvent,
     ServiceProgress,
     event_type,
@@ -34,6 +37,9 @@ def catalogue() -> dict[str, type[BaseModel]]:
         models[event_type("service", what)] = ServiceProgress
     for what in ("started", "stopped", "exited", "failed"):
         models[event_type("replica", what)] = ReplicaEvent
+    models[event_type("autoscale", "decision")] = AutoscaleDecision
+    models[event_type("autoscale", "cold_start")] = ColdStartEvent
+    models["metrics.sample"] = MetricSample
     return models
 
 

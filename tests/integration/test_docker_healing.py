@@ -126,7 +126,7 @@ async def test_an_agent_killed_with_9_is_succeeded_by_one_that_adopts_its_contai
 
         def adopted() -> bool:
             now = docker_engine.containers.list(
-                all=True, filters={"label": f"corral.node={node_id}"}
+                all=True, filters={"label": f"corral.node={node_id}"}, ignore_removed=True
             )
             return {c.id for c in now} == before
 

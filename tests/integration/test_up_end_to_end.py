@@ -48,6 +48,8 @@ class Up:
             "up",
             "--port",
             "0",
+            "--gateway-port",
+            "0",
             env=up_env(self.data_dir),
             stdout=handle,
             stderr=asyncio.subprocess.STDOUT,
@@ -83,7 +85,11 @@ async def status(env: dict[str, str], *args: str) -> dict:
 
 
 def http_ok(port: int) -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+    return http_ok_url(f"http://127.0.0.1:{port}/")
+
+
+def http_ok_url(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=5) as response:
         return response.status == 200
 
 
@@ -96,6 +102,9 @@ async def test_walkthrough(tmp_path: Path) -> None:
         assert "NATS: nats://127.0.0.1:" in up.log.read_text()
         nats_pids = [p.pid for p in up.children() if p.name() == "nats-server"]
         assert len(nats_pids) == 1
+        gateway = up.log.read_text().split("gateway: ")[1].split()[0]
+        assert gateway.startswith("http://127.0.0.1:")
+        assert await asyncio.to_thread(http_ok_url, f"{gateway}/healthz")
 
         result = await acli(env, "deploy", "-f", str(ROOT / "examples" / "hello.yaml"))
         assert result.returncode == 0, result

@@ -309,3 +309,55 @@ def test_fold_remembers_a_bounded_number_of_commands() -> None:
         record, _ = fold([_cmd("scale", count)], record, now)
     assert record is not None
     assert len(record.recent_commands) == RECENT_COMMANDS
+
+
+# --- scale-in preferences (the autoscaler names the least busy replicas) ----------------------
+
+
+def test_a_scale_in_keeps_the_replicas_to_remove_first() -> None:
+    (_, _), (record, changed) = run(
+        deploy({**SPEC, "replicas": 4}),
+        cmd("scale", {"replicas": 2, "prefer_remove": ["web-b", "web-a"]}, id_="s1"),
+    )
+    assert changed
+    assert record.spec.replicas == 2
+    assert record.prefer_remove == ["web-b", "web-a"]
+
+
+def test_a_scale_without_preferences_clears_older_ones() -> None:
+    runs = run(
+        deploy({**SPEC, "replicas": 4}),
+        cmd("scale", {"replicas": 3, "prefer_remove": ["web-b"]}, id_="s1"),
+        cmd("scale", {"replicas": 1}, id_="s2"),
+    )
+    assert runs[1][0].prefer_remove == ["web-b"]
+    assert runs[2][0].prefer_remove == []
+
+
+def test_a_scale_up_keeps_no_preferences() -> None:
+    (_, _), (record, _) = run(deploy(), cmd("scale", {"replicas": 5, "prefer_remove": ["x"]}))
+    assert record.prefer_remove == []
+
+
+def test_other_commands_leave_the_preferences_alone() -> None:
+    runs = run(
+        deploy({**SPEC, "replicas": 4}, id_="d1"),
+        cmd("scale", {"replicas": 3, "prefer_remove": ["web-b"]}, id_="s1"),
+        deploy({**SPEC, "replicas": 3, "labels": {"team": "a"}}, id_="d2"),
+    )
+    assert runs[2][1]
+    assert runs[2][0].prefer_remove == ["web-b"]
+
+
+def test_prefer_remove_is_bounded() -> None:
+    with pytest.raises(InvalidInput) as info:
+        cmd("scale", {"replicas": 1, "prefer_remove": [f"r{i}" for i in range(257)]})
+    assert [e.loc for e in info.value.errors] == ["prefer_remove"]
+
+
+def test_a_scale_with_the_same_count_ignores_new_preferences() -> None:
+    (_, _), (record, changed) = run(
+        deploy(), cmd("scale", {"replicas": 2, "prefer_remove": ["web-a"]}, id_="s1")
+    )
+    assert not changed
+    assert record.prefer_remove == []

@@ -6,6 +6,7 @@ stands between a crash and its replacement."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -123,6 +124,8 @@ class AgentWorker:
             self.mark(replica)
         self.loops.spawn(self._loop(), "reconcile")
         self.loops.spawn(self._heartbeat(), "heartbeat")
+        if not self._simulated:
+            self.loops.spawn(self._report_usage(), "usage")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -200,6 +203,31 @@ class AgentWorker:
                 await self._heartbeat_once()
             except Exception as exc:
                 log.warning("%s: heartbeat failed: %s", self.node_id, exc)
+
+    async def _report_usage(self) -> None:
+        """Every replica's cpu (cores) and memory (bytes) on `<prefix>.metrics.<service>`,
+        one message per service, for the autoscaler."""
+        while await self.loops.sleep(self.ctx.settings.metrics_interval):
+            try:
+                await self._usage_once()
+            except Exception as exc:
+                log.warning("%s: usage report failed: %s", self.node_id, exc)
+
+    async def _usage_once(self) -> None:
+        running = [r for r in self.driver.running() if r in self._services]
+        found = await asyncio.gather(
+            *(self.driver.stats(r) for r in running), return_exceptions=True
+        )
+        by_service: dict[str, list[dict[str, object]]] = {}
+        for replica, usage in zip(running, found, strict=True):
+            service = self._services.get(replica)
+            if isinstance(usage, BaseException) or not usage or service is None:
+                continue
+            by_service.setdefault(service, []).extend(
+                {"name": name, "value": value, "replica": replica} for name, value in usage.items()
+            )
+        for service, samples in by_service.items():
+            await self.bus.nc.publish(self.bus.names.metrics(service), json.dumps(samples).encode())
 
     # reconcile ----------------------------------------------------------------------------
     async def _reconcile(self, replica: str) -> None:

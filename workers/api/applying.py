@@ -92,7 +92,9 @@ def apply(command: Command, current: ServiceRecord | None, now: datetime) -> Out
         if live.spec.replicas == data.replicas:
             return Outcome(live, changed=False)
         spec = live.spec.model_copy(update={"replicas": data.replicas})
-        return Outcome(_next(command, live, now, spec=spec), changed=True)
+        # a scale without a preference clears an older one: it described other replicas' load
+        prefer = list(data.prefer_remove) if data.replicas < live.spec.replicas else []
+        return Outcome(_next(command, live, now, spec=spec, prefer_remove=prefer), changed=True)
     if command.verb == "delete":
         return Outcome(_next(command, live, now, deleted=True), changed=True)
     if command.verb == "rollback":

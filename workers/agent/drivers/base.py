@@ -67,5 +67,10 @@ class Driver(Protocol):
         """Run `argv` beside (or inside) a running replica, for an exec probe; return its exit
         code. Raise DriverError if it cannot run, TimeoutError past `timeout`."""
 
+    async def stats(self, replica: str) -> dict[str, float] | None:
+        """What a running replica uses now: `cpu` in cores (averaged since the previous call)
+        and `memory` in bytes, either left out when unknown; None if it is not running or the
+        driver cannot tell (a simulated node)."""
+
     async def close(self) -> None:
         """Release resources; does not stop replicas."""

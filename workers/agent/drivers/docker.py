@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import docker
-from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.errors import (
+    APIError,
+    DockerException,
+    ImageNotFound,
+    InvalidArgument,
+    InvalidVersion,
+    NotFound,
+)
 from docker.models.containers import Container
 from docker.types.daemon import CancellableStream
 
@@ -90,6 +97,8 @@ class _Box:
     stopping: bool = False
     oom: bool = False
     died: int | None = None
+    cpu: tuple[int, int] | None = None
+    """(container cpu ns, system cpu ns) of the previous stats call"""
 
 
 class _EventReader:
@@ -392,6 +401,28 @@ class DockerDriver:
         finally:
             self._execs.pop(exec_id, None)
 
+    async def stats(self, replica: str) -> dict[str, float] | None:
+        box = self._boxes.get(replica)
+        if box is None or not box.container:
+            return None
+        try:
+            raw = await asyncio.to_thread(self._stats, box.container)
+        except DockerException as exc:
+            log.debug("no stats for %s: %s", replica, _reason(exc))
+            return None
+        usage, box.cpu = container_usage(raw, box.cpu)
+        return usage
+
+    def _stats(self, container_id: str) -> dict[str, Any]:
+        """Blocking: one sample at once (one-shot), or, on an engine too old for that, the
+        engine's own two samples a second apart."""
+        api = self.client.api
+        try:
+            raw: dict[str, Any] = api.stats(container_id, stream=False, one_shot=True)
+        except (InvalidVersion, InvalidArgument):
+            raw = api.stats(container_id, stream=False)
+        return raw
+
     async def close(self) -> None:
         events, self._events = self._events, None
         if events is not None:
@@ -492,6 +523,35 @@ class DockerDriver:
         with contextlib.suppress(NotFound):
             container.remove(force=True)
         return oom
+
+
+def container_usage(
+    raw: dict[str, Any], previous: tuple[int, int] | None
+) -> tuple[dict[str, float], tuple[int, int] | None]:
+    """Cores and bytes from one engine stats sample, as `docker stats` computes them: the
+    container's cpu time over the machine's, times its cpus, between two samples (the
+    engine's `precpu_stats` when it has one, else our previous sample); memory without the
+    inactive page cache. Returns the usage and the sample to keep for next time."""
+    usage: dict[str, float] = {}
+    cpu = raw.get("cpu_stats") or {}
+    total = (cpu.get("cpu_usage") or {}).get("total_usage")
+    system = cpu.get("system_cpu_usage")
+    sample = (int(total), int(system)) if total is not None and system is not None else None
+    pre = raw.get("precpu_stats") or {}
+    pre_total = (pre.get("cpu_usage") or {}).get("total_usage")
+    pre_system = pre.get("system_cpu_usage")
+    before = (int(pre_total), int(pre_system)) if pre_total and pre_system else previous
+    if sample is not None and before is not None and sample[1] > before[1]:
+        per_cpu = (cpu.get("cpu_usage") or {}).get("percpu_usage") or [0]
+        cpus = cpu.get("online_cpus") or len(per_cpu)
+        share = max(0, sample[0] - before[0]) / (sample[1] - before[1])
+        usage["cpu"] = share * cpus
+    memory = raw.get("memory_stats") or {}
+    if memory.get("usage") is not None:
+        details = memory.get("stats") or {}
+        cache = details.get("inactive_file", details.get("total_inactive_file", 0))
+        usage["memory"] = float(max(0, int(memory["usage"]) - int(cache or 0)))
+    return usage, sample
 
 
 def _pid(container: Container) -> int | None:

@@ -35,6 +35,9 @@ class FakeDriver:
             raise DriverError(f"replica {replica} is not running")
         return 0
 
+    async def stats(self, replica: str) -> dict[str, float] | None:
+        return None  # it runs nothing, so it uses nothing worth reporting
+
     async def crash(self, replica: str, code: int = 1) -> None:
         """Simulate a replica dying on its own (for tests)."""
         self._running.discard(replica)

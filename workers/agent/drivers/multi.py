@@ -66,5 +66,9 @@ class MultiDriver:
             raise DriverError(f"replica {replica} is not running")
         return await driver.exec(replica, argv, timeout)
 
+    async def stats(self, replica: str) -> dict[str, float] | None:
+        driver = self._running(replica)
+        return None if driver is None else await driver.stats(replica)
+
     async def close(self) -> None:
         await asyncio.gather(*(driver.close() for driver in self.drivers))

@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class _Proc:
     env: dict[str, str]
     waiter: asyncio.Task[None] | None = None
     stopping: bool = False
+    cpu: tuple[float, float] | None = None
+    """(cpu seconds of the process tree, monotonic time) at the last stats call"""
 
 
 class ProcessDriver:
@@ -167,12 +170,47 @@ class ProcessDriver:
             await child.wait()
             raise
 
+    async def stats(self, replica: str) -> dict[str, float] | None:
+        proc = self._procs.get(replica)
+        if proc is None:
+            return None
+        return await asyncio.to_thread(_usage, proc)
+
     async def close(self) -> None:
         for proc in list(self._procs.values()):
             if proc.waiter is not None:
                 proc.waiter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await proc.waiter
+
+
+def _usage(proc: _Proc) -> dict[str, float] | None:
+    """Blocking: cpu cores and resident bytes of the replica and everything it started. The
+    cpu is averaged since the previous call (since the process started, the first time);
+    children it has reaped still count, through their parent's children times."""
+    try:
+        root = psutil.Process(proc.process.pid)
+        tree = [root, *root.children(recursive=True)]
+        born = root.create_time()
+    except psutil.Error:
+        return None
+    seconds, rss = 0.0, 0
+    for member in tree:
+        with contextlib.suppress(psutil.Error):
+            times = member.cpu_times()
+            seconds += times.user + times.system + times.children_user + times.children_system
+            rss += member.memory_info().rss
+    now = time.monotonic()
+    if proc.cpu is not None:
+        before, at = proc.cpu
+        elapsed = now - at
+    else:
+        before, elapsed = 0.0, time.time() - born
+    proc.cpu = (seconds, now)
+    usage = {"memory": float(rss)}
+    if elapsed > 0:
+        usage["cpu"] = max(0.0, (seconds - before) / elapsed)
+    return usage
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -1,0 +1,154 @@
+"""Pure: where an event from outside goes on the bus.
+
+- A CloudEvent whose type is a Corral command, `io.corral.<resource>.<verb>` (for example
+  `io.corral.service.scale`), goes to `<prefix>.cmd.<resource>.<subject>.<verb>`: its
+  `subject` attribute names the service. Its data is validated here first.
+- Any other `io.corral.*` type is refused: that namespace is Corral's own.
+- Everything else is an external event, on `<prefix>.evt.ext.<source>.<kind>`:
+  `<source>` is the integration (github, gitlab, alertmanager, a generic hook's name) or,
+  for a CloudEvent posted as is, its `source` attribute as a subject token; `<kind>` is the
+  event's name (push, firing) or the CloudEvent's `type` as a token. A token keeps
+  `[a-z0-9_-]`: the URI scheme is dropped, other runs become `_`, and a long one is cut to 64
+  characters ending in a hash of the whole, so distinct names stay distinct.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from corral.bus.names import Names
+from corral.schemas.commands import COMMANDS, TYPE_PREFIX
+from corral.schemas.envelope import CloudEvent
+from corral.schemas.errors import InvalidInput, field_errors_from_pydantic
+from corral.schemas.spec import DNS_LABEL, ServiceSpec
+
+EXT = "ext"
+MAX_TOKEN = 64
+TOKEN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:(//)?")
+_OTHER = re.compile(r"[^a-z0-9-]+")
+_SERVICE = re.compile(DNS_LABEL)
+_FILTER_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+DEFAULT_FILTER = "evt.>"
+
+
+def token(text: str) -> str:
+    """A subject token made from any text (see the module docstring); never empty."""
+    lowered = _SCHEME.sub("", text.strip().lower())
+    cleaned = _OTHER.sub("_", lowered).strip("_") or "unknown"
+    if not cleaned[0].isalnum():
+        cleaned = f"x{cleaned}"
+    if len(cleaned) <= MAX_TOKEN:
+        return cleaned
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{cleaned[: MAX_TOKEN - 9].rstrip('_-')}_{digest}"
+
+
+def ext_type(source: str, kind: str) -> str:
+    """The CloudEvents type Corral gives a verified webhook's event."""
+    return f"{TYPE_PREFIX}{EXT}.{source}.{kind}"
+
+
+def ext_subject(names: Names, source: str, kind: str) -> str:
+    return names.evt(EXT, source, kind)
+
+
+@dataclass(frozen=True)
+class Route:
+    subject: str
+    command: bool
+    """a command for the api worker (the command stream), or an event (the events stream)"""
+
+
+def command_of(event_type: str) -> tuple[str, str] | None:
+    """(resource, verb) when `event_type` is a known Corral command."""
+    if not event_type.startswith(TYPE_PREFIX):
+        return None
+    resource, _, verb = event_type.removeprefix(TYPE_PREFIX).partition(".")
+    if verb in COMMANDS.get(resource, {}):
+        return resource, verb
+    return None
+
+
+def route(event: CloudEvent, names: Names) -> Route:
+    """Where a CloudEvent posted to the gateway goes; InvalidInput says why it cannot go."""
+    command = command_of(event.type)
+    if command is not None:
+        resource, verb = command
+        name = event.subject or ""
+        if not _SERVICE.match(name):
+            raise InvalidInput(
+                f"a {event.type} command needs `subject` set to the {resource}'s name (a DNS "
+                f"label), not {event.subject!r}"
+            )
+        validate_command(resource, verb, name, event.data)
+        return Route(names.cmd(resource, name, verb), command=True)
+    if event.type.startswith(TYPE_PREFIX):
+        known = ", ".join(
+            f"{TYPE_PREFIX}{resource}.{verb}"
+            for resource, verbs in COMMANDS.items()
+            for verb in verbs
+        )
+        raise InvalidInput(
+            f"type {event.type!r} is in Corral's own namespace; the ones you may send are the "
+            f"commands ({known}). Give an external event a type of your own."
+        )
+    return Route(ext_subject(names, token(event.source), token(event.type)), command=False)
+
+
+def validate_command(resource: str, verb: str, name: str, data: Any) -> None:
+    """The check the api worker will make, made early so the caller hears of it at once."""
+    model = COMMANDS[resource][verb]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidInput(f"data must be a JSON object, not {type(data).__name__}")
+    if model is ServiceSpec:
+        data = {"name": name, **data}
+        if data["name"] != name:
+            raise InvalidInput(f"spec name {data['name']!r} does not match the subject {name!r}")
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        errors = field_errors_from_pydantic(exc)
+        raise InvalidInput(f"invalid {resource}.{verb} data", errors) from exc
+
+
+def subject_filter(names: Names, text: str | None) -> str:
+    """A NATS subject filter for events, given under the prefix (`evt.service.web.*`) or with
+    it; `*` matches one token and a final `>` the rest."""
+    wanted = (text or DEFAULT_FILTER).strip()
+    if wanted.startswith(f"{names.prefix}."):
+        wanted = wanted[len(names.prefix) + 1 :]
+    tokens = wanted.split(".")
+    if len(wanted) > 256 or len(tokens) > 16:
+        raise InvalidInput("subject filter is too long")
+    if tokens[0] != "evt":
+        raise InvalidInput(f"subject filter {text!r} must start with `evt.` (events only)")
+    for position, part in enumerate(tokens):
+        last = position == len(tokens) - 1
+        if part == "*" or (part == ">" and last):
+            continue
+        if not _FILTER_TOKEN.match(part):
+            raise InvalidInput(
+                f"subject filter {text!r}: token {part!r} must be letters, digits, '_' or '-', "
+                "or a wildcard (`*`, or `>` at the end)"
+            )
+    if len(tokens) == 1:
+        tokens.append(">")
+    return ".".join([names.prefix, *tokens])
+
+
+def type_matches(pattern: str | None, event_type: str) -> bool:
+    """A glob on the type, with or without the `io.corral.` prefix (`service.*`)."""
+    if not pattern:
+        return True
+    return fnmatch.fnmatchcase(event_type, pattern) or fnmatch.fnmatchcase(
+        event_type.removeprefix(TYPE_PREFIX), pattern
+    )
