@@ -133,3 +133,14 @@ async def collect(bus: Any, subject: str) -> Collected:
 
     seen.sub = await bus.nc.subscribe(subject, cb=on_msg)
     return seen
+
+
+def process_gone(pid: int) -> bool:
+    """True once `pid` has exited (a zombie counts as exited); safe against the race where
+    the process ends while we look."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

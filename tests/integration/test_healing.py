@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
-from support import collect, command, eventually, replica_states
+from support import collect, command, eventually, process_gone, replica_states
 
 from corral.bus.store import Mirror
 from corral.schemas.state import LIVE_STATES, ReplicaState
@@ -77,9 +77,7 @@ async def test_an_unhealthy_replica_is_restarted_then_heals(
         flag.touch()
         restarted = await one_replica(bus, "sick", lambda s: s.restarts >= 1)
         assert restarted.pid != healthy.pid or restarted.pid is None
-        assert not psutil.pid_exists(healthy.pid) or (
-            psutil.Process(healthy.pid).status() == psutil.STATUS_ZOMBIE
-        )
+        await eventually(lambda: process_gone(healthy.pid), what="the unhealthy process gone")
         await eventually(
             lambda: any("health probe failed 2 times in a row" in text for _, text in seen),
             what="an event naming the failed probe as the cause",
@@ -192,10 +190,7 @@ async def test_a_lost_node_is_replaced_and_its_return_brings_no_duplicates(
             finally:
                 os.kill(agent.pid, signal.SIGCONT)
             await eventually(
-                lambda: (
-                    not psutil.pid_exists(stale.pid)
-                    or psutil.Process(stale.pid).status() == psutil.STATUS_ZOMBIE
-                ),
+                lambda: process_gone(stale.pid),
                 within=30,
                 what="the returned node stopping its stale replica",
             )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import eventually
+from support import eventually, process_gone
 
 from corral.bus.connection import Bus
 from corral.bus.settings import Settings
@@ -69,7 +69,7 @@ async def test_ports_and_environment_reach_the_process(
         assert psutil.Process(status.pid).cmdline()[-1] == str(status.ports["admin"])
         pid = status.pid
     # stopping the agent stops its replicas
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert process_gone(pid)
 
 
 async def test_exits_are_restarted_with_backoff(settings, bus, control_plane) -> None:
