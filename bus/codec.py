@@ -53,6 +53,24 @@ def encode(event: CloudEvent) -> tuple[dict[str, str], bytes]:
     return headers, _dump_data(event.data)
 
 
+def structured_body(event: CloudEvent) -> dict[str, Any]:
+    """The structured-mode JSON object of an event, the form `decode` reads back;
+    `corralcorrelation` is the extension that carries the correlation."""
+    body: dict[str, Any] = {
+        "specversion": event.specversion,
+        "id": event.id,
+        "source": event.source,
+        "type": event.type,
+        "subject": event.subject,
+        "time": event.time.isoformat() if event.time else None,
+        "datacontenttype": event.datacontenttype,
+        "data": event.data,
+    }
+    if event.correlation:
+        body["corralcorrelation"] = event.correlation
+    return body
+
+
 def _invalid(reason: str, exc: ValidationError | None = None) -> InvalidInput:
     errors = field_errors_from_pydantic(exc) if exc is not None else []
     return InvalidInput(reason, errors)

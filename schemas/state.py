@@ -3,6 +3,7 @@ compare-and-set on the key's revision."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from enum import StrEnum
 
@@ -150,6 +151,18 @@ class NodeStatus(Record):
     heartbeat_at: datetime
     started_at: datetime
     draining: bool = False
+
+
+def is_alive(node: NodeStatus, now: datetime, grace: float) -> bool:
+    """A node is alive while its last heartbeat is at most `grace` seconds old."""
+    return (now - node.heartbeat_at).total_seconds() <= grace
+
+
+def next_expiry(nodes: Iterable[NodeStatus], now: datetime, grace: float) -> float:
+    """Seconds until the first live node's heartbeat would become too old (at most 1 s), so
+    that a watcher can sleep exactly until a node may go silent."""
+    left = [grace - (now - n.heartbeat_at).total_seconds() for n in nodes]
+    return min([t for t in left if t >= 0] + [1.0])
 
 
 class RolloutState(StrEnum):

@@ -14,7 +14,7 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from corral.bus.codec import CORRELATION, decode, encode
+from corral.bus.codec import CORRELATION, decode, encode, structured_body
 from corral.bus.connection import Bus
 from corral.schemas.commands import command_type
 from corral.schemas.envelope import CloudEvent, new_id
@@ -366,16 +366,4 @@ async def find_command(bus: Bus, command_id: str) -> CloudEvent | None:
 
 
 def event_json(event: CloudEvent) -> str:
-    body: dict[str, Any] = {
-        "specversion": event.specversion,
-        "id": event.id,
-        "source": event.source,
-        "type": event.type,
-        "subject": event.subject,
-        "time": event.time.isoformat() if event.time else None,
-        "datacontenttype": event.datacontenttype,
-        "data": event.data,
-    }
-    if event.correlation:
-        body["corralcorrelation"] = event.correlation
-    return json.dumps(body, separators=(",", ":"), default=str)
+    return json.dumps(structured_body(event), separators=(",", ":"), default=str)

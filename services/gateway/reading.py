@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from typing import Any
 
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -17,23 +16,6 @@ from corral.schemas.errors import InvalidInput
 from corral.services.gateway.routing import type_matches
 
 FETCH = 500
-
-
-def structured(event: CloudEvent) -> dict[str, Any]:
-    """The structured-mode JSON of an event (`corralcorrelation` carries the correlation)."""
-    body: dict[str, Any] = {
-        "specversion": event.specversion,
-        "id": event.id,
-        "source": event.source,
-        "type": event.type,
-        "subject": event.subject,
-        "time": event.time.isoformat() if event.time else None,
-        "datacontenttype": event.datacontenttype,
-        "data": event.data,
-    }
-    if event.correlation:
-        body["corralcorrelation"] = event.correlation
-    return body
 
 
 async def recent_events(

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
+from corral.bus.codec import structured_body
 from corral.schemas.commands import RollbackCommand, ScaleCommand
 from corral.schemas.errors import FieldError, InvalidInput
 from corral.schemas.spec import DNS_LABEL, ServiceSpec
@@ -14,7 +15,7 @@ from corral.services.cli.client import node_views, service_views
 from corral.services.gateway.auth import Principal, Scope
 from corral.services.gateway.errors import ApiError
 from corral.services.gateway.publishing import REJECTED_STATUS
-from corral.services.gateway.reading import recent_events, structured
+from corral.services.gateway.reading import recent_events
 from corral.services.gateway.routing import subject_filter
 from corral.services.gateway.state import gateway, require
 
@@ -147,7 +148,7 @@ async def list_events(
     except InvalidInput as exc:
         raise ApiError.invalid(exc) from None
     events = await recent_events(gw.bus, wanted, type, limit=limit, scan=scan)
-    return {"events": [structured(event) for event in events]}
+    return {"events": [structured_body(event) for event in events]}
 
 
 @router.post(

@@ -16,12 +16,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
 
-from corral.bus.codec import decode
+from corral.bus.codec import decode, structured_body
 from corral.schemas.envelope import CloudEvent
 from corral.schemas.errors import InvalidInput
 from corral.services.gateway.auth import Principal, Scope
 from corral.services.gateway.errors import ApiError
-from corral.services.gateway.reading import structured
 from corral.services.gateway.routing import subject_filter, type_matches
 from corral.services.gateway.state import Gateway, gateway, require
 
@@ -34,7 +33,7 @@ def sse(event: CloudEvent) -> bytes:
     def line(text: str) -> str:
         return text.replace("\r", " ").replace("\n", " ")
 
-    body = json.dumps(structured(event), separators=(",", ":"), default=str)
+    body = json.dumps(structured_body(event), separators=(",", ":"), default=str)
     return f"id: {line(event.id)}\nevent: {line(event.type)}\ndata: {body}\n\n".encode()
 
 

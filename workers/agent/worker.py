@@ -483,7 +483,6 @@ class AgentWorker:
         replica_state: _Replica | None = None,
     ) -> None:
         now = utcnow()
-        live = replica_state is not None
         status = ReplicaStatus(
             replica=assignment.replica,
             service=assignment.service,
@@ -497,7 +496,7 @@ class AgentWorker:
             message=message,
             started_at=now if state == ReplicaState.RUNNING else None,
             updated_at=now,
-            ready=live and replica_state is not None and replica_state.ready_at is not None,
+            ready=replica_state is not None and replica_state.ready_at is not None,
             ready_at=replica_state.ready_at if replica_state else None,
         )
         await self.bus.buckets.replicas.put(f"{assignment.service}.{assignment.replica}", status)

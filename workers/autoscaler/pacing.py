@@ -57,16 +57,21 @@ def _changed_within(period: float, events: Events, now: float) -> int:
     return sum(count for at, count in events if at > now - period)
 
 
+def _count_before(current: int, history: History, period: float, now: float) -> int:
+    """The replica count at the start of the policy's period: changes within it undone."""
+    return (
+        current
+        - _changed_within(period, history.ups, now)
+        + _changed_within(period, history.downs, now)
+    )
+
+
 def scale_up_limit(current: int, history: History, rules: ScaleUpRules, now: float) -> int:
     if rules.select_policy == "disabled":
         return current
     proposals = []
     for policy in rules.policies:
-        start = (
-            current
-            - _changed_within(policy.period, history.ups, now)
-            + _changed_within(policy.period, history.downs, now)
-        )
+        start = _count_before(current, history, policy.period, now)
         if policy.type == "pods":
             proposals.append(start + policy.value)
         else:
@@ -79,11 +84,7 @@ def scale_down_limit(current: int, history: History, rules: ScaleDownRules, now:
         return current
     proposals = []
     for policy in rules.policies:
-        start = (
-            current
-            - _changed_within(policy.period, history.ups, now)
-            + _changed_within(policy.period, history.downs, now)
-        )
+        start = _count_before(current, history, policy.period, now)
         if policy.type == "pods":
             proposals.append(start - policy.value)
         else:

@@ -29,6 +29,8 @@ from corral.schemas.state import (
     RolloutState,
     ServiceRecord,
     ServiceStatus,
+    is_alive,
+    next_expiry,
 )
 from corral.workers.deployer.planning import Plan, new_replica_ids, plan
 from corral.workers.runtime import Context
@@ -112,10 +114,7 @@ class DeployerWorker:
         until the earliest heartbeat would expire, then look again."""
         grace = self.ctx.settings.node_grace
         while self.loops.running:
-            now = utcnow()
-            ages = [(now - n.heartbeat_at).total_seconds() for n in self.nodes.values()]
-            upcoming = [grace - age for age in ages if age <= grace]
-            delay = min([*upcoming, 1.0])
+            delay = next_expiry(self.nodes.values(), utcnow(), grace)
             if not await self.loops.sleep(max(0.05, delay + 0.01)):
                 return
             live = self._live_nodes()
@@ -238,9 +237,7 @@ class DeployerWorker:
         if asyncio.get_running_loop().time() - self._leading_since < grace:
             return None
         now = utcnow()
-        return {
-            n.id for n in self.nodes.values() if (now - n.heartbeat_at).total_seconds() <= grace
-        }
+        return {n.id for n in self.nodes.values() if is_alive(n, now, grace)}
 
     def _rollout(
         self, record: ServiceRecord | None, previous: ServiceStatus | None, now: datetime

@@ -1,10 +1,9 @@
-"""Pure: crash loops within a window, and which nodes have gone silent."""
+"""Pure: crash loops within a window."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from corral.schemas.spec import CrashLoop
 
@@ -30,8 +29,3 @@ class CrashWindow:
 
     def quiet_for(self, now: float) -> float:
         return now - self.times[-1] if self.times else float("inf")
-
-
-def silent_nodes(heartbeats: dict[str, datetime], now: datetime, grace: float) -> set[str]:
-    """Nodes whose last heartbeat is older than `grace` seconds."""
-    return {node for node, at in heartbeats.items() if (now - at).total_seconds() > grace}

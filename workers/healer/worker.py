@@ -20,8 +20,8 @@ from corral.bus.lifecycle import Loops
 from corral.bus.store import Mirror
 from corral.schemas.envelope import utcnow
 from corral.schemas.events import HealthEvent, NodeEvent
-from corral.schemas.state import NodeStatus, ServiceHealth, ServiceRecord
-from corral.workers.healer.detection import CrashWindow, silent_nodes
+from corral.schemas.state import NodeStatus, ServiceHealth, ServiceRecord, is_alive, next_expiry
+from corral.workers.healer.detection import CrashWindow
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
@@ -144,10 +144,8 @@ class HealerWorker:
     async def _watch(self) -> None:
         grace = self.ctx.settings.node_grace
         while self.loops.running:
-            now = utcnow()
-            ages = [(now - n.heartbeat_at).total_seconds() for n in self.nodes.values()]
-            upcoming = [grace - age for age in ages if age <= grace]
-            if not await self.loops.sleep(max(0.05, min([*upcoming, 1.0]) + 0.01)):
+            delay = next_expiry(self.nodes.values(), utcnow(), grace)
+            if not await self.loops.sleep(max(0.05, delay + 0.01)):
                 return
             if not self.lease.held.is_set():
                 self._silent = None
@@ -159,8 +157,8 @@ class HealerWorker:
                 log.exception("healer check failed; will try again")
 
     async def _check_nodes(self, grace: float) -> None:
-        beats = {n.id: n.heartbeat_at for n in self.nodes.values()}
-        silent = silent_nodes(beats, utcnow(), grace)
+        now = utcnow()
+        silent = {n.id for n in self.nodes.values() if not is_alive(n, now, grace)}
         if self._silent is None:
             # just took over: what was already silent is old news, not a new loss
             self._silent = silent

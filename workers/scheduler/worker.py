@@ -14,7 +14,7 @@ from faststream.nats import NatsBroker
 
 from corral.bus.store import Mirror, Versioned
 from corral.schemas.placement import Placed, PlacementReply, PlacementRequest
-from corral.schemas.state import Assignment, NodeStatus
+from corral.schemas.state import Assignment, NodeStatus, is_alive
 from corral.workers.runtime import Context
 from corral.workers.scheduler.placement import ClassRequest, NodeView, solve
 
@@ -24,7 +24,7 @@ RESERVATION_TTL = 30.0
 
 def node_ready(node: NodeStatus, grace: float, now: datetime | None = None) -> bool:
     now = now or datetime.now(UTC)
-    return not node.draining and (now - node.heartbeat_at).total_seconds() <= grace
+    return not node.draining and is_alive(node, now, grace)
 
 
 class Usage(NamedTuple):
