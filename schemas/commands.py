@@ -65,5 +65,16 @@ COMMANDS: dict[str, dict[str, type[BaseModel]]] = {
 }
 
 
+OWNERS: dict[str, str] = {
+    "service": "api",
+    "pipeline": "pipeline",
+    "run": "pipeline",
+    "rule": "rules",
+}
+"""resource -> the worker that applies its commands. The api worker answers every command
+subject, rejecting unknown resources, and leaves the resources that another worker owns
+to that worker (which validates, applies and emits `…accepted` or `…rejected` itself)."""
+
+
 def command_type(resource: str, verb: str) -> str:
     return f"{TYPE_PREFIX}{resource}.{verb}"

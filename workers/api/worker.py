@@ -24,6 +24,7 @@ from corral.bus.codec import decode, encode
 from corral.bus.edge import CommandEdge, headers_of
 from corral.bus.lifecycle import Loops
 from corral.bus.store import Versioned
+from corral.schemas.commands import OWNERS
 from corral.schemas.envelope import CloudEvent, utcnow
 from corral.schemas.errors import ConflictError, TemporaryError, UnknownCommand
 from corral.schemas.events import CommandAccepted
@@ -94,6 +95,10 @@ class ApiWorker:
             await self.handle_batch(msgs)
 
     # the batch path ---------------------------------------------------------------------
+    def _owned_elsewhere(self, subject: str) -> bool:
+        parsed = self.bus.names.parse_cmd(subject)
+        return parsed is not None and OWNERS.get(parsed[0], "api") != "api"
+
     def parse(self, msg: Msg) -> Command:
         parsed = self.bus.names.parse_cmd(msg.subject)
         if parsed is None:
@@ -104,7 +109,11 @@ class ApiWorker:
     async def handle_batch(self, msgs: list[Msg]) -> None:
         groups: dict[str, Group] = defaultdict(list)
         one_by_one: list[Msg] = []
+        others: list[Msg] = []
         for msg in msgs:
+            if self._owned_elsewhere(msg.subject):
+                others.append(msg)
+                continue
             try:
                 command = self.parse(msg)
             except Exception:
@@ -122,6 +131,8 @@ class ApiWorker:
                 return_exceptions=True,
             )
             retry = []
+        for msg in others:
+            await msg.ack()  # another worker consumes it from the same stream
         for msg in one_by_one:
             await self.edge.run(msg, self.handle)
         for group in retry:
