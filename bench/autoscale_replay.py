@@ -4,6 +4,7 @@ Knative's KPA). A pure simulation on a simulated clock: no NATS, no processes.
 
     cd /work/main && .venv/bin/python bench/autoscale_replay.py      # about 2 s
     .venv/bin/python bench/autoscale_replay.py --seed 7              # another trace
+    .venv/bin/python bench/autoscale_replay.py --seeds 1-20          # a line per trace
 
 - The trace: 30 minutes at 1 s; a baseline of 40 units with a slow +-20 % swell, three
   bursts of 3-5x lasting 1-3 minutes (10 s ramps), gaussian noise of 8 %; seeded.
@@ -225,7 +226,13 @@ def run(name: str, decide: Decide, load: list[float]) -> Result:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--seed", type=int, default=6, help="the trace's seed")
+    parser.add_argument(
+        "--seeds", help="a range such as 1-10: one summary line per trace, and the goals met"
+    )
     args = parser.parse_args(argv)
+    if args.seeds:
+        first, _, last = args.seeds.partition("-")
+        return summary(range(int(first), int(last or first) + 1))
     load = trace(args.seed)
     results = [
         run("Corral (every 1 s sample)", corral(), load),
@@ -249,6 +256,33 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for text, met in goals:
         print(f"goal: Corral {text}: {'met' if met else 'MISSED'}")
+    return 0
+
+
+def summary(seeds: range) -> int:
+    print("| seed | Corral: replica-s / under s / changes | HPA | KEDA | KPA | cost vs HPA |")
+    print("|---:|---|---|---|---|---:|")
+    met = [0, 0, 0]
+    for seed in seeds:
+        load = trace(seed)
+        mine, hpa, keda, kpa = (
+            run("", corral(), load),
+            run("", Hpa(), load),
+            run("", Hpa(total=True, poll=30), load),
+            run("", Kpa(), load),
+        )
+        cells = [
+            f"{r.replica_seconds:,.0f} / {r.under} / {r.changes}" for r in (mine, hpa, keda, kpa)
+        ]
+        cost = (mine.replica_seconds / hpa.replica_seconds - 1) * 100
+        print(f"| {seed} | " + " | ".join(cells) + f" | {cost:+.1f}% |")
+        met[0] += mine.under < hpa.under
+        met[1] += mine.replica_seconds <= hpa.replica_seconds
+        met[2] += mine.changes < kpa.changes
+    n = len(seeds)
+    print(f"goal: fewer seconds under-provisioned than HPA: met on {met[0]} of {n} traces")
+    print(f"goal: at no higher cost than HPA: met on {met[1]} of {n} traces")
+    print(f"goal: fewer scaling changes than KPA: met on {met[2]} of {n} traces")
     return 0
 
 

@@ -36,6 +36,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from corral.bus.codec import CORRELATION, encode
 from corral.bus.connection import Bus
 from corral.bus.embedded import EmbeddedNats
+from corral.bus.names import Names
 from corral.bus.settings import Settings
 from corral.bus.store import Mirror, Versioned
 from corral.schemas.commands import ScaleCommand, command_type
@@ -136,7 +137,13 @@ class CpuMeter:
     """CPU used by this process (all threads), by helper child processes, and by the
     nats-server, over a stretch of wall time: tells a CPU-bound worker from one that waits."""
 
-    def __init__(self, server_pid: int | None, children: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        server_pid: int | None,
+        children: list[int] | None = None,
+        label: str = "agent processes",
+    ) -> None:
+        self.label = label
         self.server = psutil.Process(server_pid) if server_pid else None
         self.children = [psutil.Process(pid) for pid in children or []]
         self.start()
@@ -156,13 +163,17 @@ class CpuMeter:
         self.c0 = self._cpu(self.children)
         self.s0 = self._cpu([self.server] if self.server else [])
 
+    def children_cpu(self) -> float:
+        """CPU seconds the child processes used since `start`."""
+        return self._cpu(self.children) - self.c0
+
     def read(self) -> str:
         wall = time.perf_counter() - self.t0
         me = (time.process_time() - self.p0) / wall * 100
         server = (self._cpu([self.server] if self.server else []) - self.s0) / wall * 100
         text = f"python {me:.0f}% of a core"
         if self.children:
-            text += f", agent processes {(self._cpu(self.children) - self.c0) / wall * 100:.0f}%"
+            text += f", {self.label} {(self._cpu(self.children) - self.c0) / wall * 100:.0f}%"
         return text + f", nats-server {server:.0f}%"
 
 
@@ -187,15 +198,24 @@ async def publish_all(js: Any, items: list[tuple[str, dict[str, str], bytes]], s
     await js.publish_async_completed()
 
 
-async def bench_api(url: str, args: argparse.Namespace, report: Report) -> None:
-    settings = Settings(nats_url=url, prefix="bapi", data_dir=Path(args.tmp))
+async def bench_api(url: str, args: argparse.Namespace, report: Report, own_process: bool) -> None:
+    """`own_process`: the api worker runs in a child process (as `corral worker api` does) and
+    the baseline's consumer too; otherwise both share this process with the publisher."""
+    prefix = "bapip" if own_process else "bapi"
+    settings = Settings(nats_url=url, prefix=prefix, data_dir=Path(args.tmp))
     n, services = args.commands, args.api_services
     host = Host(settings, "bench-api")
+    child = ChildProc("api")
     nc = await nats.connect(url, name="bench-api-client")
     js = nc.jetstream()
+    where = "api worker in its own process" if own_process else "api worker in this process"
     try:
-        ctx = await host.start(lambda c: [ApiWorker(c)])
-        names = ctx.bus.names
+        if own_process:
+            await child.start("--api-child", url, prefix, args.tmp)
+            names = Names(prefix)
+        else:
+            ctx = await host.start(lambda c: [ApiWorker(c)])
+            names = ctx.bus.names
         spec_names = [f"api{i}" for i in range(services)]
 
         accepted: set[str] = set()
@@ -251,7 +271,7 @@ async def bench_api(url: str, args: argparse.Namespace, report: Report) -> None:
         profiler = cProfile.Profile() if args.profile == "api" else None
         if profiler:
             profiler.enable()
-        cpu = CpuMeter(args.server_pid)
+        cpu = CpuMeter(args.server_pid, child.pids, "the api worker's process")
         t0 = time.perf_counter()
         await publish_all(js, commands, names.cmd_stream)
         t_pub = time.perf_counter() - t0
@@ -265,6 +285,9 @@ async def bench_api(url: str, args: argparse.Namespace, report: Report) -> None:
                 f"api: only {len(accepted):,} of {n:,} commands accepted within {timeout:.0f}s"
             )
         cpu_api = cpu.read()
+        if own_process:
+            per_command = cpu.children_cpu() / max(1, len(accepted)) * 1e6
+            cpu_api += f"; the worker's CPU per command {per_command:.0f} µs"
         if profiler:
             profiler.disable()
             dump_profile(profiler, "api", args)
@@ -272,78 +295,182 @@ async def bench_api(url: str, args: argparse.Namespace, report: Report) -> None:
         dupes = counted["accepted"] - got
         await sub_a.unsubscribe()
         await sub_r.unsubscribe()
-        say(f"api: {got:,} accepted in {elapsed:.2f}s (published in {t_pub:.2f}s)")
+        say(f"api ({where}): {got:,} accepted in {elapsed:.2f}s (published in {t_pub:.2f}s)")
         if counted["rejected"]:
             report.problems.append(f"api: {counted['rejected']} commands were rejected")
         if dupes:
             report.notes.append(f"api: {dupes} accepted events were repeats (redelivery)")
 
         # baseline: raw JetStream publish + pull-consume of as many messages of the same size
-        cpu.start()
-        base_elapsed = await raw_js_baseline(js, commands, args)
-        cpu_raw = cpu.read()
+        await child.stop()
+        base_elapsed, cpu_raw = await raw_js_baseline(
+            js, commands, args, url if own_process else None
+        )
         say(f"api baseline: {n:,} raw messages in {base_elapsed:.2f}s")
 
         api_rate = got / elapsed if elapsed > 0 else 0.0
         report.rows.append(
             Row(
-                f"api: {n:,} scale cmds over {services:,} services (accepted/s)",
+                f"api: {n:,} scale cmds over {services:,} services (accepted/s), {where}",
                 rate(got, elapsed),
-                f"raw JS publish+pull/ack {rate(n, base_elapsed)}",
+                f"raw JS publish+pull/ack {rate(n, base_elapsed)}"
+                + (", consumer in its own process" if own_process else ""),
                 f">= {API_GOAL:,.0f}/s",
                 "MET" if api_rate >= API_GOAL and got == n else "MISSED",
             )
         )
+        shape = "the worker runs in a child process" if own_process else "so does the worker"
         report.notes.append(
-            f"api: commands average {size:.0f} bytes (headers + payload); the publisher and the "
-            f"accepted-event counter share the worker's process; publishing alone took "
-            f"{t_pub:.2f}s of the {elapsed:.2f}s"
+            f"api ({where}): commands average {size:.0f} bytes (headers + payload); the "
+            f"publisher and the accepted-event counter run in this process, {shape}; "
+            f"publishing alone took {t_pub:.2f}s of the {elapsed:.2f}s"
         )
-        report.notes.append(f"api CPU while timed: {cpu_api}; raw baseline: {cpu_raw}")
+        report.notes.append(
+            f"api ({where}) CPU while timed: {cpu_api}; raw baseline: {cpu_raw}"
+        )
     finally:
-        await host.stop()
+        await child.stop()
+        if not own_process:
+            await host.stop()
         await nc.drain()
 
 
 async def raw_js_baseline(
-    js: Any, commands: list[tuple[str, dict[str, str], bytes]], args: argparse.Namespace
-) -> float:
+    js: Any,
+    commands: list[tuple[str, dict[str, str], bytes]],
+    args: argparse.Namespace,
+    child_url: str | None = None,
+) -> tuple[float, str]:
     """The bus ceiling for the same traffic shape: publish pipelined, consume with a pull
-    subscription in batches, ack each message."""
-    stream, subject = "BENCH_RAW", "bench.raw"
+    subscription in batches, ack each message. With `child_url` the consumer runs in a child
+    process (this script with --raw-child), which reports when it has acked the last one.
+    Returns the seconds and the CPU figures."""
+    stream, subject = RAW_STREAM, RAW_SUBJECT
     await js.add_stream(
         StreamConfig(name=stream, subjects=[f"{subject}.>"], storage=StorageType.FILE)
     )
     n = len(commands)
-    psub = await js.pull_subscribe(f"{subject}.>", durable="bench-raw", stream=stream)
-    consumed = 0
-    t_last = 0.0
+    child = ChildProc("raw consumer")
+    try:
+        if child_url:
+            await child.start("--raw-child", child_url, str(n), str(args.batch))
+            cpu = CpuMeter(args.server_pid, child.pids, "the consumer's process")
+            t0 = time.perf_counter()
+            await publish_raw(js, commands)
+            await child.wait_line("done", args.timeout)
+            elapsed = time.perf_counter() - t0
+            return elapsed, cpu.read()
+        psub = await js.pull_subscribe(f"{subject}.>", durable="bench-raw", stream=stream)
+        try:
+            cpu = CpuMeter(args.server_pid)
+            t0 = time.perf_counter()
+            consumer = asyncio.create_task(consume_raw(psub, n, args.batch))
+            await publish_raw(js, commands)
+            t_last = await asyncio.wait_for(consumer, args.timeout)
+            return t_last - t0, cpu.read()
+        finally:
+            await psub.unsubscribe()
+    finally:
+        await child.stop()
+        await js.delete_stream(stream)
 
-    async def consume() -> None:
-        nonlocal consumed, t_last
-        while consumed < n:
-            try:
-                msgs = await psub.fetch(batch=args.batch, timeout=0.5)
-            except TimeoutError:
-                continue
-            for msg in msgs:
-                await msg.ack()
-            consumed += len(msgs)
-        t_last = time.perf_counter()
 
-    consumer = asyncio.create_task(consume())
-    t0 = time.perf_counter()
+RAW_STREAM, RAW_SUBJECT = "BENCH_RAW", "bench.raw"
+
+
+async def publish_raw(js: Any, commands: list[tuple[str, dict[str, str], bytes]]) -> None:
     for i, (_, headers, payload) in enumerate(commands):
         h = dict(headers)
         h["Nats-Msg-Id"] = f"raw-{i}"
-        await js.publish_async(f"{subject}.s{i % 1000}", payload, headers=h, stream=stream)
+        await js.publish_async(f"{RAW_SUBJECT}.s{i % 1000}", payload, headers=h, stream=RAW_STREAM)
     await js.publish_async_completed()
+
+
+async def consume_raw(psub: Any, n: int, batch: int) -> float:
+    """Pull, ack each message, until `n` are acked; returns when the last was."""
+    consumed = 0
+    while consumed < n:
+        try:
+            msgs = await psub.fetch(batch=batch, timeout=0.5)
+        except TimeoutError:
+            continue
+        for msg in msgs:
+            await msg.ack()
+        consumed += len(msgs)
+    return time.perf_counter()
+
+
+async def raw_child(url: str, n: int, batch: int) -> None:
+    """`--raw-child`: the baseline's consumer in a process of its own."""
+    nc = await nats.connect(url, name="bench-raw-consumer")
     try:
-        await asyncio.wait_for(consumer, args.timeout)
-    finally:
+        psub = await nc.jetstream().pull_subscribe(
+            f"{RAW_SUBJECT}.>", durable="bench-raw", stream=RAW_STREAM
+        )
+        print("ready", flush=True)
+        await consume_raw(psub, n, batch)
+        print("done", flush=True)
+        await asyncio.to_thread(sys.stdin.read)  # returns at EOF: the parent is done
         await psub.unsubscribe()
-        await js.delete_stream(stream)
-    return t_last - t0
+    finally:
+        await nc.drain()
+
+
+async def api_child(url: str, prefix: str, data_dir: str) -> None:
+    """`--api-child`: the api worker alone in this process, as `corral worker api` runs it."""
+    logging.basicConfig(
+        level=logging.WARNING, format="  api child log %(levelname)s %(name)s: %(message)s"
+    )
+    host = Host(Settings(nats_url=url, prefix=prefix, data_dir=Path(data_dir)), "bench-api")
+    await host.start(lambda c: [ApiWorker(c)])
+    try:
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+    finally:
+        await host.stop()
+
+
+class ChildProc:
+    """This script run as a helper child process that prints `ready`, and stops at EOF."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc else []
+
+    async def start(self, *argv: str) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
+        await self.wait_line("ready", 30.0)
+
+    async def wait_line(self, expected: str, within: float) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), within)
+        if line.strip() != expected.encode():
+            raise RuntimeError(f"{self.what} child {self.proc.pid} said {line!r}, not {expected}")
+
+    async def stop(self, within: float = 30.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), within)
+        except TimeoutError:
+            say(f"  {self.what} child {proc.pid} did not stop in {within:.0f}s; killing it")
+            proc.kill()
+            await proc.wait()
 
 
 # --- 2. deploy storm -----------------------------------------------------------------------
@@ -792,6 +919,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="storm: run it once per value, with the fake agents in that many child processes\n"
         "(0 = in the workers' process); default: 0 1",
     )
+    p.add_argument(
+        "--api-procs",
+        type=int,
+        nargs="+",
+        choices=(0, 1),
+        default=[0, 1],
+        help="api: run it once per value: 0 = the worker (and the baseline's consumer) in this\n"
+        "process, beside the publisher; 1 = in a child process of its own; default: 0 1",
+    )
     p.add_argument("--profile", choices=("api", "storm"), help="cProfile one timed phase")
     p.add_argument("--profile-out", help="where to write the profile")
     return p.parse_args(argv)
@@ -811,7 +947,8 @@ async def run(args: argparse.Namespace) -> int:
     say(f"nats-server {server.binary} on {url}, store {tmp}")
     try:
         if args.only in (None, "api"):
-            await bench_api(url, args, report)
+            for own_process in args.api_procs:
+                await bench_api(url, args, report, bool(own_process))
         if args.only in (None, "storm"):
             for count in args.agent_procs:
                 await bench_storm(url, args, report, f"bstorm{count}", count)
@@ -843,6 +980,12 @@ def describe_task(task: asyncio.Task[Any]) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--api-child":
+        asyncio.run(api_child(*sys.argv[2:5]))
+        return
+    if len(sys.argv) == 5 and sys.argv[1] == "--raw-child":
+        asyncio.run(raw_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+        return
     if len(sys.argv) == 7 and sys.argv[1] == "--agents-child":
         _, _, url, prefix, first, last, data_dir = sys.argv
         asyncio.run(agents_child(url, prefix, int(first), int(last), data_dir))

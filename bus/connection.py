@@ -7,7 +7,6 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -20,12 +19,15 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
+from corral.bus import client
 from corral.bus.names import Names
 from corral.bus.settings import Settings
 from corral.bus.store import Bucket
+from corral.schemas.rules import RuleRecord, RuleState
 from corral.schemas.state import (
     Assignment,
     AutoscaleStatus,
+    NodeLedger,
     NodeStatus,
     ReplicaStatus,
     ServiceHealth,
@@ -35,6 +37,8 @@ from corral.schemas.state import (
 
 log = logging.getLogger(__name__)
 DAY = 24 * 3600.0
+MANY_WATCHERS = 1_000_000
+"""consumers allowed on a bucket that every node watches (see `Bus._allow_consumers`)"""
 
 
 @dataclass
@@ -47,6 +51,9 @@ class Buckets:
     health: Bucket[ServiceHealth]
     leases: KeyValue
     autoscale: Bucket[AutoscaleStatus]
+    allocations: Bucket[NodeLedger]
+    rules: Bucket[RuleRecord]
+    rule_state: Bucket[RuleState]
 
 
 class Bus:
@@ -63,7 +70,7 @@ class Bus:
     @classmethod
     async def connect(cls, settings: Settings, *, name: str = "corral") -> Bus:
         url = settings.resolved_url()
-        nc = await nats.connect(
+        nc = await client.connect(
             url,
             name=name,
             connect_timeout=5,
@@ -119,12 +126,16 @@ class Bus:
         kvs = await asyncio.gather(
             self._bucket(n.services, history=8),
             self._bucket(n.service_status),
-            self._bucket(n.assignments),
-            self._bucket(n.replicas),
+            self._bucket(n.assignments, watchers=MANY_WATCHERS),
+            self._bucket(n.replicas, watchers=MANY_WATCHERS),
             self._bucket(n.nodes, ttl=3600.0),
             self._bucket(n.leases),
             self._bucket(n.health),
             self._bucket(n.autoscale),
+            self._bucket(n.allocations),
+        )
+        rules, rule_state = await asyncio.gather(
+            self._bucket(n.rules, history=5), self._bucket(n.rule_state)
         )
         self._buckets = Buckets(
             services=Bucket(kvs[0], ServiceRecord),
@@ -135,6 +146,9 @@ class Bus:
             health=Bucket(kvs[6], ServiceHealth),
             leases=kvs[5],
             autoscale=Bucket(kvs[7], AutoscaleStatus),
+            allocations=Bucket(kvs[8], NodeLedger),
+            rules=Bucket(rules, RuleRecord),
+            rule_state=Bucket(rule_state, RuleState),
         )
 
     async def _stream(self, config: StreamConfig) -> None:
@@ -145,13 +159,34 @@ class Bus:
             assert config.name is not None
             await self.js.stream_info(config.name)
 
-    async def _bucket(self, name: str, *, history: int = 1, ttl: float | None = None) -> KeyValue:
+    async def _bucket(
+        self, name: str, *, history: int = 1, ttl: float | None = None, watchers: int = 0
+    ) -> KeyValue:
         try:
-            return await self.js.create_key_value(
+            kv = await self.js.create_key_value(
                 KeyValueConfig(bucket=name, history=history, ttl=ttl, storage=StorageType.FILE)
             )
         except BadRequestError:
-            return await self.js.key_value(name)
+            kv = await self.js.key_value(name)
+        if watchers:
+            await self._allow_consumers(f"KV_{name}", watchers)
+        return kv
+
+    async def _allow_consumers(self, stream: str, count: int) -> None:
+        """nats-server 2.15 caps a stream at 1,000 consumers unless the stream says more, and
+        nats-py creates buckets with "unlimited" (-1), which the server reads as that default.
+        Every agent watches its prefix of the assignments (and reads the replicas when it
+        starts), so a cluster of more than about 1,000 nodes needs the buckets' own, higher
+        limit."""
+        info = await self.js.stream_info(stream)
+        config = info.config
+        if config.max_consumers is not None and config.max_consumers >= count:
+            return
+        config.max_consumers = count
+        try:
+            await self.js.update_stream(config)
+        except BadRequestError as exc:
+            log.warning("could not raise %s's consumer limit to %d: %s", stream, count, exc)
 
 
 async def _log_error(exc: Exception) -> None:

@@ -55,6 +55,19 @@ class Names:
     def autoscale(self) -> str:
         return f"{self.prefix}-autoscale"
 
+    @property
+    def allocations(self) -> str:
+        """The scheduler's per-node ledgers of booked replicas (compare-and-set)."""
+        return f"{self.prefix}-allocations"
+
+    @property
+    def rules(self) -> str:
+        return f"{self.prefix}-rules"
+
+    @property
+    def rule_state(self) -> str:
+        return f"{self.prefix}-rule-state"
+
     # subjects
     def cmd(self, resource: str = "*", name: str = "*", verb: str = "*") -> str:
         return f"{self.prefix}.cmd.{resource}.{name}.{verb}"

@@ -64,6 +64,17 @@ class Settings(BaseSettings):
     gateway_rate_burst: int = Field(
         default=100, ge=1, description="how many requests a token may send at once"
     )
+    sched_batch_window: float = Field(
+        default=0.002, ge=0, le=1, description="the scheduler gathers requests this long"
+    )
+    sched_shard_above: int = Field(
+        default=200_000,
+        ge=1,
+        description="a batch of more replicas than this is sharded over Ray tasks",
+    )
+    sched_shards: int = Field(
+        default=0, ge=0, le=1024, description="Ray shards per batch; 0: one per Ray CPU"
+    )
 
     @field_validator("node_id")
     @classmethod

@@ -88,10 +88,79 @@ class Resources(BaseModel):
         return out
 
 
+class Affinity(StrictModel):
+    """One node_affinity expression; a node must meet all of them."""
+
+    key: LabelKey
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] = Field(default_factory=list, max_length=100)
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> Affinity:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"node_affinity {self.key} {self.operator} needs `values`")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"node_affinity {self.key} {self.operator} takes no `values`")
+        return self
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        inside = labels.get(self.key) in self.values
+        return inside if self.operator == "In" else not inside
+
+
+class Preference(StrictModel):
+    """A soft rule: nodes labelled `label=value` are tried first, the heavier the weight the
+    sooner."""
+
+    label: LabelKey
+    value: str
+    weight: int = Field(default=1, ge=1, le=100)
+
+
 class Placement(StrictModel):
+    """Where replicas may go (hard rules) and where they had better go (soft rules)."""
+
     node_selector: dict[LabelKey, str] = Field(
         default_factory=dict, description="labels a node must carry, all of them"
     )
+    node_affinity: list[Affinity] = Field(
+        default_factory=list,
+        max_length=32,
+        description="expressions (In, NotIn, Exists, DoesNotExist) a node must meet, all of them",
+    )
+    max_per_node: int | None = Field(
+        default=None, ge=1, le=MAX_REPLICAS, description="at most this many replicas on one node"
+    )
+    avoid: list[Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]] = Field(
+        default_factory=list,
+        max_length=32,
+        description="services whose replicas must not share a node with this one's",
+    )
+    spread_by: LabelKey | None = Field(
+        default=None,
+        description="a node label (zone, rack): replicas spread evenly over its values",
+    )
+    prefer: list[Preference] = Field(
+        default_factory=list, max_length=32, description="soft: nodes to try first"
+    )
+    strategy: Literal["spread", "binpack"] = Field(
+        default="spread",
+        description="spread: even over nodes; binpack: fill the fullest nodes first",
+    )
+    priority: int = Field(
+        default=0, ge=-1000, le=1000, description="higher is placed first in a batch"
+    )
+
+    @field_validator("avoid")
+    @classmethod
+    def _avoid_unique(cls, avoid: list[str]) -> list[str]:
+        if len(set(avoid)) != len(avoid):
+            raise ValueError("avoid lists a service twice")
+        return avoid
 
 
 class HttpProbe(StrictModel):
@@ -263,6 +332,14 @@ class ServiceSpec(StrictModel):
         if len(set(ports)) != len(ports):
             raise ValueError("port names must be unique")
         return ports
+
+    @model_validator(mode="after")
+    def _avoid_others(self) -> ServiceSpec:
+        if self.name in self.placement.avoid:
+            raise ValueError(
+                "placement.avoid names the service itself; use placement.max_per_node: 1"
+            )
+        return self
 
     @model_validator(mode="after")
     def _runnable(self) -> ServiceSpec:

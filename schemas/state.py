@@ -140,6 +140,22 @@ class ReplicaStatus(Record):
     ready_at: datetime | None = Field(default=None, description="since when it has been ready")
 
 
+class Booking(Record):
+    """What one replica takes from a node, as the scheduler booked it."""
+
+    service: str
+    resources: dict[str, float] = Field(default_factory=dict)
+    at: datetime
+
+
+class NodeLedger(Record):
+    """The scheduler's bookings on one node. Owner: the schedulers, each writing with
+    compare-and-set, so two plans never book the same room. Key: the node id."""
+
+    node: str
+    bookings: dict[str, Booking] = Field(default_factory=dict, description="by replica id")
+
+
 class NodeStatus(Record):
     """A node's heartbeat. Owner: its agent. Key: the node id."""
 

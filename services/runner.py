@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import psutil
+from docker import DockerClient
 from faststream import FastStream
 from faststream.nats import NatsBroker
 from nats.errors import Error as NatsError
@@ -26,11 +27,15 @@ from corral.workers.agent.drivers.docker import DockerDriver, docker_client_or_n
 from corral.workers.agent.drivers.fake import FakeDriver
 from corral.workers.agent.drivers.multi import MultiDriver
 from corral.workers.agent.drivers.process import ProcessDriver
+from corral.workers.agent.jobs import JobRunner
 from corral.workers.agent.worker import AgentWorker
 from corral.workers.api.worker import ApiWorker
 from corral.workers.autoscaler.worker import AutoscalerWorker
 from corral.workers.deployer.worker import DeployerWorker
 from corral.workers.healer.worker import HealerWorker
+from corral.workers.notifier.worker import NotifierConfig, NotifierWorker
+from corral.workers.pipeline.worker import PipelineWorker
+from corral.workers.rules.worker import RulesWorker
 from corral.workers.runtime import Context, Worker
 from corral.workers.scheduler.worker import SchedulerWorker
 
@@ -61,12 +66,14 @@ def make_agent(
         await holder[0].on_exit(replica, code, reason)
 
     runtime: Driver
+    job_docker: DockerClient | None = None
     if driver == "process":
         drivers: list[Driver] = [ProcessDriver(ctx.settings.data_dir / "logs" / node_id, on_exit)]
         if docker != "off":
             client = docker_client_or_none()
             if client is not None:
                 drivers.append(DockerDriver(node_id, on_exit, client))
+                job_docker = client
             elif docker == "on":
                 raise ValueError("no Docker engine answers, and CORRAL_DOCKER=on requires one")
             else:
@@ -80,6 +87,10 @@ def make_agent(
         ctx, runtime, node_id=node_id, capacity=capacity or local_capacity(), labels=labels
     )
     holder.append(agent)
+    if driver == "process":
+        agent.jobs = JobRunner(
+            ctx, node_id, ctx.settings.data_dir / "jobs" / node_id, docker=job_docker
+        )
     return agent
 
 
@@ -94,6 +105,12 @@ def make_worker(name: str, ctx: Context) -> Worker:
         return HealerWorker(ctx)
     if name == "autoscaler":
         return AutoscalerWorker(ctx)
+    if name == "rules":
+        return RulesWorker(ctx)
+    if name == "pipeline":
+        return PipelineWorker(ctx)
+    if name == "notifier":
+        return NotifierWorker(ctx, NotifierConfig.from_env())
     raise ValueError(f"unknown worker {name!r}; choose from {', '.join(WORKERS)}")
 
 

@@ -25,7 +25,12 @@ from corral.schemas.errors import InvalidInput, field_errors_from_pydantic
 from corral.schemas.spec import Resources
 from corral.services.cli import client, render
 from corral.services.cli.autoscale import autoscale_app
+from corral.services.cli.explain import explain
+from corral.services.cli.pipeline import pipeline_app
+from corral.services.cli.rebalance import rebalance
+from corral.services.cli.rules import rules_app
 from corral.services.cli.schema import export_schemas
+from corral.services.cli.sim import sim
 from corral.services.cli.specs import describe, load_service_spec
 from corral.workers import NAMES as WORKERS
 
@@ -44,6 +49,11 @@ app = typer.Typer(
 schema_app = typer.Typer(no_args_is_help=True, help="JSON Schema of specs, commands and events.")
 app.add_typer(schema_app, name="schema")
 app.add_typer(autoscale_app, name="autoscale")
+app.command("explain")(explain)
+app.command("rebalance")(rebalance)
+app.command("sim")(sim)
+app.add_typer(rules_app, name="rules")
+app.add_typer(pipeline_app, name="pipeline")
 out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
@@ -170,6 +180,10 @@ def _gateway_note(gateway: Any) -> str:
         auth = "[yellow]no tokens: every local caller is admin (--insecure-local)[/yellow]"
     else:
         auth = "no API tokens: API calls get 401 until CORRAL_GATEWAY_TOKENS is set"
+    platforms = (("slack", config.chat.slack_secret), ("mattermost", config.chat.mattermost_tokens))
+    chat = [name for name, on in platforms if on]
+    if chat:
+        auth += f"; chat-ops: {', '.join(chat)}"
     return f"gateway: {gateway.url} ({auth})"
 
 

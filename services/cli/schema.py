@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from corral.schemas.chat import ChatCommandEvent
 from corral.schemas.commands import COMMANDS, command_type
 from corral.schemas.envelope import CloudEvent
 from corral.schemas.events import (
@@ -19,6 +20,16 @@ from corral.schemas.events import (
     ServiceProgress,
     event_type,
 )
+from corral.schemas.pipeline import PipelineSpec
+from corral.schemas.rules import (
+    Rule,
+    RuleDelete,
+    RuleFailed,
+    RuleFired,
+    RuleNotification,
+    RuleSkipped,
+)
+from corral.schemas.runs import RUN_COMMANDS, JobEvent, JobReport, RunEvent
 from corral.schemas.spec import ServiceSpec
 
 
@@ -40,6 +51,24 @@ def catalogue() -> dict[str, type[BaseModel]]:
     models[event_type("autoscale", "decision")] = AutoscaleDecision
     models[event_type("autoscale", "cold_start")] = ColdStartEvent
     models["metrics.sample"] = MetricSample
+    models["spec.pipeline"] = PipelineSpec
+    for resource, verbs in RUN_COMMANDS.items():
+        for verb, model in verbs.items():
+            models[command_type(resource, verb)] = model
+    for what in ("started", "succeeded", "failed", "cancelled", "approval_needed"):
+        models[event_type("run", what)] = RunEvent
+    models[event_type("job", "finished")] = JobReport
+    models["spec.rule"] = Rule
+    models[command_type("rule", "apply")] = Rule
+    models[command_type("rule", "delete")] = RuleDelete
+    models[event_type("rule", "fired")] = RuleFired
+    models[event_type("rule", "skipped")] = RuleSkipped
+    models[event_type("rule", "failed")] = RuleFailed
+    models[event_type("rule", "notify")] = RuleNotification
+    for what in ("requested", "denied", "invalid"):
+        models[event_type("chat", what)] = ChatCommandEvent
+    for what in ("dispatched", "retry_scheduled", "skipped", "succeeded", "failed"):
+        models[event_type("job", what)] = JobEvent
     return models
 
 

@@ -20,6 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from corral.bus.connection import Bus
 from corral.bus.settings import Settings
+from corral.services.chatops import routes as chat_routes
+from corral.services.chatops.handlers import ChatOps
 from corral.services.gateway import errors, hooks, ingress, rest, streaming
 from corral.services.gateway.bodylimit import BodyLimitMiddleware
 from corral.services.gateway.config import GatewayConfig
@@ -59,11 +61,13 @@ def create_app(
         redoc_url=None,
     )
     app.state.gateway = state
+    app.state.chatops = ChatOps(settings, bus, config.chat)
     errors.install(app)
     app.include_router(rest.router)
     app.include_router(streaming.router)
     app.include_router(ingress.router)
     app.include_router(hooks.router)
+    app.include_router(chat_routes.router)
 
     @app.get("/healthz", tags=["meta"], summary="Liveness, and whether NATS is connected")
     async def healthz(request: Request) -> JSONResponse:

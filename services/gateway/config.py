@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -13,6 +13,7 @@ from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from corral.schemas.errors import CorralError
+from corral.services.chatops.config import ChatConfig, ChatConfigError
 from corral.services.gateway.auth import (
     ApiToken,
     TokenTable,
@@ -50,6 +51,8 @@ class GatewayConfig:
     alertmanager_token: bytes | None = None
     hooks: Mapping[str, bytes] = field(default_factory=dict)
     insecure_local: bool = False
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    """chat-ops: Slack and Mattermost slash commands (off unless their secrets are set)"""
 
     @classmethod
     def from_env(cls, *, insecure_local: bool = False) -> GatewayConfig:
@@ -57,7 +60,11 @@ class GatewayConfig:
             secrets = GatewaySecrets()
         except ValidationError as exc:
             raise GatewayConfigError(f"invalid gateway setting: {exc}") from None
-        return cls.from_secrets(secrets, insecure_local=insecure_local)
+        try:
+            chat = ChatConfig.from_env()
+        except ChatConfigError as exc:
+            raise GatewayConfigError(str(exc)) from None
+        return replace(cls.from_secrets(secrets, insecure_local=insecure_local), chat=chat)
 
     @classmethod
     def from_secrets(

@@ -16,6 +16,7 @@ import uvicorn
 from faststream.nats import NatsBroker
 
 from corral.schemas.errors import CorralError
+from corral.services.chatops.routes import chatops_of
 from corral.services.gateway.app import create_app, gateway_of
 from corral.services.gateway.config import GatewayConfig
 from corral.workers.runtime import Context
@@ -42,7 +43,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket on host:port (0: a free port), or a GatewayBindError that says
     what to do instead."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # without it every response waits ~40 ms on Nagle and the client's delayed ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -133,6 +136,7 @@ class GatewayWorker:
 
     async def stop(self) -> None:
         gateway_of(self.app).stop_streams()
+        await chatops_of(self.app).aclose()
         task, self._task = self._task, None
         if self.server is not None and task is not None:
             self.server.should_exit = True

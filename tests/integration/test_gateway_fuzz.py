@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -12,10 +13,16 @@ import hypothesis
 import pytest
 import requests
 import schemathesis
-from gateway_support import ADMIN, auth, running_gateway
+from gateway_support import ADMIN, CONFIG, auth, running_gateway
+
+from corral.services.chatops.config import ChatConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 EXAMPLES = 25
+# chat-ops on too, so that its routes are fuzzed past "not configured"
+WITH_CHAT = dataclasses.replace(
+    CONFIG, chat=ChatConfig(slack_secret=b"fuzz-signing-secret", mattermost_tokens=(b"fuzz",))
+)
 SKIP = {"/v1/events/stream"}  # a stream never ends: the integration tests cover it
 
 
@@ -62,7 +69,7 @@ def _fuzz_one(
 async def test_no_5xx_anywhere(settings, bus, control_plane) -> None:
     async with (
         control_plane(workers=("api",)),
-        running_gateway(settings, bus, gateway_rate_limit=0) as api,
+        running_gateway(settings, bus, WITH_CHAT, gateway_rate_limit=0) as api,
     ):
         document = api.worker.app.openapi()
         answers, failures = await asyncio.to_thread(fuzz, document, api.url)

@@ -311,6 +311,19 @@ def test_fold_remembers_a_bounded_number_of_commands() -> None:
     assert len(record.recent_commands) == RECENT_COMMANDS
 
 
+def test_a_changed_record_remembers_its_command_and_an_unchanged_one_does_not() -> None:
+    first = apply(deploy(id_="d1"), None, T0).record
+    assert first.recent_commands == ["d1"]
+    scaled = apply(cmd("scale", {"replicas": 3}, id_="s1"), first, T0)
+    assert scaled.changed
+    assert scaled.record.recent_commands == ["d1", "s1"]
+    same = apply(cmd("scale", {"replicas": 3}, id_="s2"), scaled.record, T0)
+    assert not same.changed
+    assert same.record.recent_commands == ["d1", "s1"]
+    gone = apply(cmd("delete", id_="x1"), scaled.record, T0).record
+    assert gone.recent_commands == ["d1", "s1", "x1"]
+
+
 # --- scale-in preferences (the autoscaler names the least busy replicas) ----------------------
 
 

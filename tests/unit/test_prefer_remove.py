@@ -117,3 +117,34 @@ def test_the_list_also_orders_surplus_during_a_rollout() -> None:
     result = plan(record(2, ["n1"]), old + new, statuses(*old, *new), now=T0)
     assert "n1" in drained(result)
     assert "n3" not in drained(result)
+
+
+# the whole order, as Kubernetes' ReplicaSet controller has it (`ActivePods`: unscheduled or
+# pending, then not ready, then the lower `pod-deletion-cost`, ...), with `prefer_remove` in
+# the place of the deletion cost: not running, running but not ready, the named ones in order,
+# then the most crowded node and the newest
+def test_pending_starting_and_unreported_replicas_go_before_the_named_ones() -> None:
+    fleet = [*FOUR, assign("p", age=9), assign("s", age=8), assign("u", age=7)]
+    states = (
+        statuses(*FOUR)
+        | statuses(fleet[4], state=ReplicaState.PENDING)
+        | statuses(fleet[5], state=ReplicaState.STARTING)
+    )  # "u" has no status yet
+    result = plan(record(4, ["a", "b"]), fleet, states)
+    assert sorted(drained(result)) == ["p", "s", "u"]
+
+
+def test_a_running_replica_that_is_not_ready_goes_before_the_named_ones() -> None:
+    states = statuses(*FOUR)
+    states["c"] = states["c"].model_copy(update={"ready": False})
+    result = plan(record(2, ["a", "b"]), FOUR, states)
+    assert drained(result) == ["c", "a"]
+
+
+def test_the_full_order() -> None:
+    fleet = [*FOUR, assign("x", age=9), assign("y", age=8)]
+    states = statuses(*FOUR) | statuses(fleet[4], state=ReplicaState.FAILED)
+    states["y"] = statuses(fleet[5])["y"].model_copy(update={"ready": False})
+    result = plan(record(1, ["b", "a"]), fleet, states)
+    # not running, not ready, then named in order, then the newest of the rest
+    assert drained(result) == ["x", "y", "b", "a", "d"]

@@ -22,6 +22,7 @@ from corral.schemas.events import ReplicaEvent
 from corral.schemas.spec import Resources
 from corral.schemas.state import Assignment, NodeStatus, ReplicaState, ReplicaStatus
 from corral.workers.agent.drivers.base import Driver, DriverError, Launch, Started
+from corral.workers.agent.jobs import JobRunner
 from corral.workers.agent.probes import Prober, ProbeResult
 from corral.workers.runtime import Context
 
@@ -82,6 +83,8 @@ class AgentWorker:
         self._started_at = utcnow()
         self._stopping = False
         self._simulated = driver.name == "fake"
+        self.jobs: JobRunner | None = None
+        """runs pipeline jobs on this node (a real node only); make_agent sets it"""
 
     def register(self, broker: NatsBroker) -> None:
         return None
@@ -126,9 +129,13 @@ class AgentWorker:
         self.loops.spawn(self._heartbeat(), "heartbeat")
         if not self._simulated:
             self.loops.spawn(self._report_usage(), "usage")
+        if self.jobs is not None:
+            await self.jobs.start()
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.jobs is not None:
+            await self.jobs.stop()
         for timer in self._timers:
             timer.cancel()
         self._wake.set()

@@ -126,12 +126,13 @@ def latest_revision(record: ServiceRecord) -> int:
 
 
 def _next(command: Command, record: ServiceRecord, now: datetime, **changes: Any) -> ServiceRecord:
-    """`record` as changed by `command`: the next generation."""
+    """`record` as changed by `command`: the next generation, which remembers the command."""
     return record.model_copy(
         update={
             "generation": record.generation + 1,
             "command_id": command.id,
             "updated_at": now,
+            "recent_commands": [*record.recent_commands, command.id][-RECENT_COMMANDS:],
             **changes,
         }
     )
@@ -143,7 +144,12 @@ def _deploy(
     if current is None:
         first = Revision(revision=1, spec=spec, created_at=now, command_id=command.id)
         record = ServiceRecord(
-            spec=spec, generation=1, command_id=command.id, updated_at=now, revisions=[first]
+            spec=spec,
+            generation=1,
+            command_id=command.id,
+            updated_at=now,
+            revisions=[first],
+            recent_commands=[command.id],
         )
         return Outcome(record, changed=True)
     if current.deleted:
@@ -274,9 +280,7 @@ def fold(
             results.append(Result(command, error=exc))
             continue
         if outcome.changed:
-            previous = record.recent_commands if record is not None else []
-            remembered = [*previous, command.id][-RECENT_COMMANDS:]
-            record = outcome.record.model_copy(update={"recent_commands": remembered})
+            record = outcome.record  # it remembers the command (`_next`)
             changed = True
         results.append(Result(command, outcome.record.generation, changed=outcome.changed))
     return (record if changed else None), results

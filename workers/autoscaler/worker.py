@@ -98,7 +98,10 @@ class AutoscalerWorker:
         self._published: dict[str, tuple[tuple[Any, ...], float]] = {}
         self._recent: dict[str, deque[AutoscaleDecision]] = {}
         self._last_cold: dict[str, ColdStartEvent] = {}
-        self._activations: dict[str, tuple[str, Subscription]] = {}
+        self._activations: dict[str, tuple[str, list[Subscription]]] = {}
+        self._checking: dict[str, bool] = {}
+        """services whose activation backlog is being read; True: read it again after"""
+        self._backlog_reads: set[asyncio.Task[None]] = set()
         self._dirty: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._timers: dict[str, asyncio.TimerHandle] = {}
@@ -121,7 +124,7 @@ class AutoscalerWorker:
         self.loops.spawn(self._poll(), "poll")
 
     async def stop(self) -> None:
-        subs = [sub for _, sub in self._activations.values()]
+        subs = [sub for _, watching in self._activations.values() for sub in watching]
         if self._sub is not None:
             subs.append(self._sub)
         self._sub = None
@@ -134,6 +137,11 @@ class AutoscalerWorker:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        reads, self._backlog_reads = self._backlog_reads, set()
+        for task in reads:
+            task.cancel()
+        if reads:
+            await asyncio.wait(reads, timeout=SOURCE_TIMEOUT + 1)
         self._wake.set()
         self._poll_soon.set()
         await self.loops.stop()
@@ -205,25 +213,83 @@ class AutoscalerWorker:
         self.mark(key, "spec")
 
     async def _sync_activation(self, service: str) -> None:
+        """Subscribe to what wakes the service: its activation subject, always (a message
+        also counts as activity against the cooldown); or, while the service is at zero, the
+        subjects of its activation stream, so that the first message there has the consumer's
+        backlog read at once rather than at the next poll."""
         found = self._policy(service)
         activation = found[1].activation if found else None
-        subject = activation.subject if activation is not None else None
+        key: str | None = None
+        if activation is not None and activation.subject is not None:
+            key = activation.subject
+        elif activation is not None and found is not None and found[0].spec.replicas == 0:
+            key = f"stream {activation.stream}/{activation.consumer}"
         current = self._activations.get(service)
-        if current is not None and current[0] == subject:
+        if current is not None and current[0] == key:
             return
         if current is not None:
             del self._activations[service]
-            await current[1].unsubscribe()
-        if subject is None:
+            for sub in current[1]:
+                try:
+                    await sub.unsubscribe()
+                except Exception as exc:
+                    log.debug("unsubscribe: %s", exc)
+        if activation is None or key is None:
             return
+        if activation.subject is not None:
+            subject = activation.subject
 
-        async def on_message(msg: Msg) -> None:
-            self.activity[service] = (time.monotonic(), f"a message on {msg.subject}")
-            record = self.services.get(service)
-            if record is not None and record.spec.replicas == 0:
-                self.mark(service, "activation")
+            async def on_message(msg: Msg) -> None:
+                self.activity[service] = (time.monotonic(), f"a message on {msg.subject}")
+                record = self.services.get(service)
+                if record is not None and record.spec.replicas == 0:
+                    self.mark(service, "activation")
 
-        self._activations[service] = (subject, await self.bus.nc.subscribe(subject, cb=on_message))
+            sub = await self.bus.nc.subscribe(subject, cb=on_message)
+            self._activations[service] = (key, [sub])
+            return
+        assert activation.stream is not None
+        try:
+            info = await asyncio.wait_for(
+                self.bus.js.stream_info(activation.stream), SOURCE_TIMEOUT
+            )
+        except Exception as exc:  # not there yet: the poll reads the backlog, and tries again
+            log.info("%s: activation stream %s not watched: %s", service, activation.stream, exc)
+            return
+        if service in self._activations:
+            return  # another call got there during the await
+
+        async def on_stream_message(msg: Msg) -> None:
+            self._read_backlog_soon(service)
+
+        subs = [
+            await self.bus.nc.subscribe(subject, cb=on_stream_message)
+            for subject in info.config.subjects or []
+        ]
+        self._activations[service] = (key, subs)
+        self._read_backlog_soon(service)  # a backlog may already be waiting
+
+    def _read_backlog_soon(self, service: str) -> None:
+        """Read the activation backlog now; a read already under way reads again after, so a
+        burst of messages costs at most two reads at a time."""
+        if service in self._checking:
+            self._checking[service] = True
+            return
+        self._checking[service] = False
+        task = asyncio.create_task(self._read_backlogs(service), name=f"autoscaler:wake:{service}")
+        self._backlog_reads.add(task)
+        task.add_done_callback(self._backlog_reads.discard)
+
+    async def _read_backlogs(self, service: str) -> None:
+        try:
+            while True:
+                if self.lease.held.is_set() and await self._read_activation(service):
+                    self.mark(service, "activation")
+                if not self._checking.get(service):
+                    return
+                self._checking[service] = False
+        finally:
+            self._checking.pop(service, None)
 
     async def _on_replica(self, key: str, item: Versioned[ReplicaStatus] | None) -> None:
         service = key.split(".", 1)[0]
@@ -441,22 +507,32 @@ class AutoscalerWorker:
         table = self.pulled[service]
         for metric, reading in zip(pulled, readings, strict=True):
             table[metric.label()] = (reading, now)
-        activation = policy.activation
+        await self._read_activation(service)
+        if policy.activation is not None and service not in self._activations:
+            await self._sync_activation(service)  # the stream may exist by now
+
+    async def _read_activation(self, service: str) -> bool:
+        """Read a stream activation's backlog; True (and activity noted) when it is over the
+        threshold."""
+        found = self._policy(service)
+        activation = found[1].activation if found is not None else None
         if activation is None or activation.stream is None or activation.consumer is None:
-            return
+            return False
         try:
             backlog = await queue_backlog(
                 self.bus.js, activation.stream, activation.consumer, SOURCE_TIMEOUT
             )
         except SourceError as exc:
             log.info("%s: activation not read: %s", service, exc)
-            return
-        if backlog > activation.threshold:
-            what = (
-                f"a backlog of {backlog} on {activation.stream}/{activation.consumer} "
-                f"(threshold {activation.threshold})"
-            )
-            self.activity[service] = (time.monotonic(), what)
+            return False
+        if backlog <= activation.threshold:
+            return False
+        what = (
+            f"a backlog of {backlog} on {activation.stream}/{activation.consumer} "
+            f"(threshold {activation.threshold})"
+        )
+        self.activity[service] = (time.monotonic(), what)
+        return True
 
     async def _read(self, metric: PrometheusMetric | QueueMetric) -> Reading:
         try:

@@ -103,8 +103,10 @@ def _scale_in(
     prefer: list[str] | None = None,
 ) -> list[Assignment]:
     """The `surplus` replicas to stop. Those in `prefer` (the least busy first, as the scale
-    command named them) go before the others, in that order; a replica that is not running
-    goes before any of them, as it has no work in flight at all."""
+    command named them) go before the others, in that order. A replica that is not running,
+    and then one running but not ready, goes before any of them: neither serves anything.
+    This is the order of Kubernetes' ReplicaSet controller, with `prefer` in the place of the
+    `pod-deletion-cost` annotation."""
     if surplus <= 0:
         return []
     per_node = Counter(a.node for a in replicas)

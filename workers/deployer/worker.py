@@ -36,6 +36,8 @@ from corral.workers.deployer.planning import Plan, new_replica_ids, plan
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
+RECONCILE_AT_ONCE = 32
+"""services reconciled concurrently (each one's own steps stay in order)"""
 
 
 class DeployerWorker:
@@ -174,22 +176,32 @@ class DeployerWorker:
             await self._wake.wait()
             self._wake.clear()
             batch, self._dirty = self._dirty, set()
-            failed = False
-            for name in sorted(batch):
-                if not self.lease.held.is_set():
-                    self._dirty.update(batch)
-                    break
-                try:
-                    await self.reconcile(name)
-                except Exception:
-                    log.exception("reconcile %s failed; will retry", name)
-                    self._dirty.add(name)
-                    failed = True
+            # services are independent: several reconcile at once, so that their placement
+            # requests reach the scheduler together and are solved in one batch
+            names = sorted(batch)
+            results: list[bool] = []
+            for i in range(0, len(names), RECONCILE_AT_ONCE):
+                chunk = names[i : i + RECONCILE_AT_ONCE]
+                results += await asyncio.gather(*(self._reconcile_one(n) for n in chunk))
+            failed = not all(results)
             if not self._dirty:
                 continue
             # what changed while we worked goes at once; after a failure, pause a little
             if not failed or await self.loops.sleep(0.2):
                 self._wake.set()
+
+    async def _reconcile_one(self, name: str) -> bool:
+        """Reconcile one service; False when it failed (it is marked to try again)."""
+        if not self.lease.held.is_set():
+            self._dirty.add(name)
+            return True
+        try:
+            await self.reconcile(name)
+        except Exception:
+            log.exception("reconcile %s failed; will retry", name)
+            self._dirty.add(name)
+            return False
+        return True
 
     # reconcile ----------------------------------------------------------------------------
     async def reconcile(self, name: str) -> None:
@@ -331,7 +343,7 @@ class DeployerWorker:
             service=spec.name,
             replicas=replica_ids,
             resources=spec.resources.as_dict(),
-            node_selector=dict(spec.placement.node_selector),
+            placement=spec.placement,
             driver=spec.driver,
         )
         try:

@@ -1,31 +1,38 @@
-"""Pure placement: spread one class of identical replicas over the nodes that fit them.
+"""Pure batch placement: every service is one class of identical replicas.
 
-Feasibility and free slots are computed once for the class over all nodes, with NumPy; the
-replicas are then handed out by counts (water-filling), never one at a time.
+For each class, feasibility (hard rules) and free slots are computed once over all nodes with
+NumPy; the replicas are then handed out by counts, never one at a time:
+- `spread_by` first splits the class over the label's values (zones, racks) by water-filling,
+  so that every domain ends up within one replica of the others where capacity allows;
+- inside a domain, `prefer` ranks nodes into tiers (by the sum of the matched weights), and a
+  higher tier is filled before a lower one is touched;
+- inside a tier, `spread` water-fills the nodes (fewest of this service first, then the least
+  loaded), `binpack` fills the fullest nodes to the brim first.
+Classes of a batch are placed by priority, then (under binpack) the largest first, and each
+commits into the table, so the next sees what is left. Each placement keeps a short reason,
+and replicas that fit nowhere get one that counts why each node was ruled out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
+from corral.schemas.spec import Affinity, Placement, Preference
+from corral.workers.scheduler.filling import (
+    lowest,
+    ordered_fill,
+    proportional_fill,
+    rotation_key,
+    water_fill,
+)
+from corral.workers.scheduler.table import ABSENT, Bools, Floats, Index, Ints, NodeTable, NodeView
+
 UNLIMITED = 1 << 30
-
-
-@dataclass(frozen=True)
-class NodeView:
-    id: str
-    labels: dict[str, str]
-    capacity: dict[str, float]
-    allocated: dict[str, float]
-    drivers: tuple[str, ...] = ("process",)
-    ready: bool = True
-    count: int = 0
-    total: int = 0
-    """replicas of every service on this node: spreads ties across services"""
-    """replicas of the service being placed that already run here"""
+__all__ = ["UNLIMITED", "ClassRequest", "NodeTable", "NodeView", "Solution", "solve", "solve_batch"]
 
 
 @dataclass(frozen=True)
@@ -34,135 +41,550 @@ class ClassRequest:
     resources: dict[str, float] = field(default_factory=dict)
     node_selector: dict[str, str] = field(default_factory=dict)
     driver: str = "process"
+    service: str = ""
+    node_affinity: tuple[Affinity, ...] = ()
+    max_per_node: int | None = None
+    avoid: tuple[str, ...] = ()
+    spread_by: str | None = None
+    prefer: tuple[Preference, ...] = ()
+    strategy: str = "spread"
+    priority: int = 0
+    rotation: int | None = None
+    """where the spread_by remainder starts among the domains (Ray shards set it, so that
+    their remainders land in different domains); None: the least loaded domains first"""
+
+    @classmethod
+    def of(
+        cls,
+        service: str,
+        count: int,
+        resources: dict[str, float],
+        rules: Placement,
+        driver: str = "process",
+    ) -> ClassRequest:
+        return cls(
+            count=count,
+            resources=resources,
+            node_selector=dict(rules.node_selector),
+            driver=driver,
+            service=service,
+            node_affinity=tuple(rules.node_affinity),
+            max_per_node=rules.max_per_node,
+            avoid=tuple(rules.avoid),
+            spread_by=rules.spread_by,
+            prefer=tuple(rules.prefer),
+            strategy=rules.strategy,
+            priority=rules.priority,
+        )
 
 
 @dataclass(frozen=True)
+class Why:
+    """What each placement's reason is made of, captured when the class is placed (the table
+    moves on afterwards); the text is only written when someone reads it."""
+
+    kind: str
+    after: Ints
+    """replicas of the service on each chosen node, after this placement"""
+    room: Ints
+    """slots the node had for this class before it"""
+    spread_by: str | None = None
+    codes: npt.NDArray[np.int32] | None = None
+    """spread_by: each chosen node's label code"""
+    values: dict[str, int] = field(default_factory=dict)
+    """spread_by: label value -> code"""
+    domain_after: dict[int, int] = field(default_factory=dict)
+    """spread_by: replicas of the service in each domain it was placed in, afterwards"""
+    share: Floats | None = None
+    """binpack: the node's dominant share after this placement"""
+    matched: list[list[str]] = field(default_factory=list)
+    """preferences each chosen node meets"""
+
+    def render(self, ids: list[str], where: Index) -> list[str]:
+        notes = []
+        names = {code: value for value, code in self.values.items()}
+        for j, i in enumerate(where):
+            node = ids[i]
+            after = int(self.after[j])
+            code = int(self.codes[j]) if self.codes is not None else ABSENT
+            if self.kind == "binpack" and self.share is not None:
+                note = f"binpack: {after} of this service on {node}, {self.share[j]:.0%} full"
+            elif self.spread_by is not None and code == ABSENT:
+                note = (
+                    f"spread: {after} of this service on {node} "
+                    f"(no {self.spread_by} label; the labelled nodes were full)"
+                )
+            elif self.spread_by is not None:
+                note = (
+                    f"spread by {self.spread_by}: {self.domain_after.get(code, 0)} of this "
+                    f"service in {self.spread_by}={names.get(code)}, {after} on {node}"
+                )
+            else:
+                note = f"spread: {after} of this service on {node}"
+            if self.room[j] < UNLIMITED:
+                note += f", room for {int(self.room[j])}"
+            if self.matched and self.matched[j]:
+                note += f"; preferred ({', '.join(self.matched[j])})"
+            notes.append(note)
+        return notes
+
+
+@dataclass(eq=False)
 class Solution:
-    per_node: dict[str, int]
-    """node id -> how many new replicas go there"""
+    """Where one class went. `where`/`take` are node positions in the table and counts."""
+
+    ids: list[str]
+    where: Index
+    take: Ints
     unplaced: int
     reason: str
     """why some replicas fit nowhere (empty when all were placed)"""
-    why: dict[str, str]
-    """node id -> a short reason for choosing it"""
+    explained: Why | None = None
+    pieces: list[Solution] = field(default_factory=list)
+    """a merged solution (Ray shards, then repair) keeps its parts' reasons; `where` is then
+    their positions, in order, in the whole table"""
+
+    @property
+    def notes(self) -> list[str]:
+        """one short reason per entry of `where`"""
+        if self.pieces:
+            return [note for piece in self.pieces for note in piece.notes]
+        return [] if self.explained is None else self.explained.render(self.ids, self.where)
+
+    @property
+    def per_node(self) -> dict[str, int]:
+        """node id -> how many new replicas go there"""
+        out: dict[str, int] = {}
+        for i, t in zip(self.where, self.take, strict=True):
+            out[self.ids[i]] = out.get(self.ids[i], 0) + int(t)
+        return out
+
+    @property
+    def why(self) -> dict[str, str]:
+        """node id -> a short reason for choosing it"""
+        return {self.ids[i]: note for i, note in zip(self.where, self.notes, strict=True)}
+
+    @property
+    def placed(self) -> int:
+        return int(self.take.sum())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Solution):
+            return NotImplemented
+        return (self.per_node, self.unplaced, self.reason, self.why) == (
+            other.per_node,
+            other.unplaced,
+            other.reason,
+            other.why,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}" if count == 1 else f"{count} {word}s"
 
 
+def _verb(count: int, singular: str, plural: str) -> str:
+    return singular if count == 1 else plural
+
+
 def solve(request: ClassRequest, nodes: list[NodeView]) -> Solution:
+    """Place one class on nodes described by views (`count` is this class's replicas there)."""
     if request.count <= 0:
-        return Solution({}, 0, "", {})
+        return _empty(request, [id_ for id_ in (n.id for n in nodes)])
     if not nodes:
-        return Solution({}, request.count, "no nodes are registered", {})
-    n = len(nodes)
-    ready = np.fromiter((node.ready for node in nodes), bool, n)
-    has_driver = np.fromiter((request.driver in node.drivers for node in nodes), bool, n)
-    selector = np.fromiter(
-        (all(node.labels.get(k) == v for k, v in request.node_selector.items()) for node in nodes),
-        bool,
-        n,
+        return Solution([], _no_index(), _no_ints(), request.count, "no nodes are registered")
+    table = NodeTable.build(nodes, service=request.service)
+    return solve_batch([request], table)[0]
+
+
+def batch_order(requests: Sequence[ClassRequest]) -> list[int]:
+    """Higher priority first; among equals, binpack classes by size (largest first, as in
+    first-fit-decreasing), then in the order given."""
+
+    def size(r: ClassRequest) -> float:
+        return sum(r.resources.values()) if r.strategy == "binpack" else 0.0
+
+    return sorted(
+        range(len(requests)), key=lambda i: (-requests[i].priority, -size(requests[i]), i)
     )
-    slots = np.full(n, UNLIMITED, dtype=np.int64)
-    short: dict[str, npt.NDArray[np.bool_]] = {}
-    fits: dict[str, npt.NDArray[np.int64]] = {}
-    for resource, need in request.resources.items():
+
+
+def solve_batch(requests: Sequence[ClassRequest], table: NodeTable) -> list[Solution]:
+    """Place every class, committing each into `table`; solutions come in request order."""
+    for r in requests:
+        if r.avoid:
+            table.avoids[r.service] = r.avoid
+    out: list[Solution | None] = [None] * len(requests)
+    table.pool = binpack_pool(table, [r for r in requests if r.strategy == "binpack"])
+    try:
+        for i in batch_order(requests):
+            out[i] = _place(requests[i], table)
+    finally:
+        table.pool = None
+    return [s for s in out if s is not None]
+
+
+POOL_SLACK = 0.0
+"""the binpack pool covers the batch's demand plus this much; what does not fit in the pool
+after rounding goes to the fullest nodes outside it"""
+
+
+def binpack_pool(table: NodeTable, requests: Sequence[ClassRequest]) -> Bools | None:
+    """The fewest nodes that hold a batch's binpack demand in every resource: the nodes
+    already in use first (fullest first), then the largest empty ones. Scarce resources (the
+    least total capacity, such as gpu) choose first, so that their nodes also count towards
+    cpu and memory."""
+    if not requests:
+        return None
+    demand: dict[int, float] = {}
+    for r in requests:
+        for resource, amount in r.resources.items():
+            col = table.column(resource)
+            if col is not None and amount > 0:
+                demand[col] = demand.get(col, 0.0) + amount * r.count
+    if not demand:
+        return None
+    usable = table.ready.copy()
+    pool = np.zeros(len(table), dtype=bool)
+    used = ((table.totals > 0) | (table.allocated > 0).any(axis=0)) & usable
+    for col in sorted(demand, key=lambda c: float(table.capacity[c].sum())):
+        free = np.maximum(table.capacity[col] - table.allocated[col], 0.0)
+        need = demand[col] * (1 + POOL_SLACK) - float(free[pool].sum())
         if need <= 0:
             continue
-        free = np.fromiter(
-            (
-                node.capacity.get(resource, 0.0) - node.allocated.get(resource, 0.0)
-                for node in nodes
-            ),
-            float,
-            n,
+        candidates = np.flatnonzero(usable & ~pool & (free > 0))
+        # in use first, then by free room, largest first
+        order = np.lexsort((-free[candidates], ~used[candidates]))
+        ranked = candidates[order]
+        covered = np.cumsum(free[ranked])
+        count = int(np.searchsorted(covered, need)) + 1
+        pool[ranked[:count]] = True
+    return pool
+
+
+def _no_index() -> Index:
+    return np.zeros(0, dtype=np.intp)
+
+
+def _no_ints() -> Ints:
+    return np.zeros(0, dtype=np.int64)
+
+
+def _empty(request: ClassRequest, ids: list[str]) -> Solution:
+    return Solution(ids, _no_index(), _no_ints(), 0, "")
+
+
+@dataclass
+class _Filters:
+    """The hard rules, applied in this order; a node is counted under the first it fails."""
+
+    steps: list[tuple[str, Bools]]
+    eligible: Bools
+
+
+def _filters(request: ClassRequest, table: NodeTable) -> _Filters:
+    n = len(table)
+    steps: list[tuple[str, Bools]] = [("ready", table.ready)]
+    steps.append(("driver", table.driver(request.driver)))
+    if request.node_selector:
+        selector = np.ones(n, dtype=bool)
+        for key, value in request.node_selector.items():
+            selector &= table.label(key, value)
+        steps.append(("node_selector", selector))
+    if request.node_affinity:
+        affinity = np.ones(n, dtype=bool)
+        for expr in request.node_affinity:
+            affinity &= table.affinity(expr)
+        steps.append(("node_affinity", affinity))
+    avoided = table.avoided_by(request.service) if request.service else list(request.avoid)
+    if avoided:
+        clash = np.zeros(n, dtype=bool)
+        for other in avoided:
+            clash |= table.presence(other)
+        steps.append(("avoid", ~clash))
+    eligible = np.ones(n, dtype=bool)
+    for _, mask in steps:
+        eligible &= mask
+    return _Filters(steps, eligible)
+
+
+def _place(request: ClassRequest, table: NodeTable) -> Solution:
+    n = len(table)
+    if request.count <= 0:
+        return _empty(request, table.ids)
+    if n == 0:
+        return Solution(
+            table.ids, _no_index(), _no_ints(), request.count, "no nodes are registered"
         )
-        fit = np.floor(np.maximum(free, 0.0) / need + 1e-9).astype(np.int64)
-        slots = np.minimum(slots, fit)
-        short[resource] = fit < 1
-        fits[resource] = fit
-    eligible = ready & has_driver & selector
-    slots = np.where(eligible, slots, 0)
-    counts = np.fromiter((node.count for node in nodes), np.int64, n)
-    totals = np.fromiter((node.total for node in nodes), np.int64, n)
-    # ties go to the least loaded nodes first (stable: then by position, i.e. node id)
-    order = np.lexsort((np.arange(n), totals))
-    take = _water_fill(counts, slots, request.count, order)
-    placed = int(take.sum())
-    per_node = {nodes[i].id: int(take[i]) for i in np.flatnonzero(take)}
-    why = {
-        node_id: f"spread: {int(counts[i]) + int(take[i])} of this service on {node_id}"
-        + (f", room for {int(slots[i])}" if slots[i] < UNLIMITED else "")
-        for i, node_id in ((i, nodes[i].id) for i in np.flatnonzero(take))
-    }
-    unplaced = request.count - placed
+    filters = _filters(request, table)
+    needs = [(r, need) for r, need in request.resources.items() if need > 0]
+    columns = [table.column(r) for r, _ in needs]
+    fits: list[Floats] = []
+    for col, (_, amount) in zip(columns, needs, strict=True):
+        if col is None:
+            fits.append(np.zeros(n))
+        else:
+            fits.append(np.floor((table.capacity[col] - table.allocated[col]) / amount + 1e-9))
+    if fits:
+        lowest = fits[0] if len(fits) == 1 else np.minimum.reduce(fits)
+        slots = np.maximum(lowest, 0).astype(np.int64)
+    else:
+        slots = np.full(n, UNLIMITED, dtype=np.int64)
+    counts = table.counts(request.service)
+    per_node_room: Ints | None = None
+    if request.max_per_node is not None:
+        per_node_room = np.maximum(request.max_per_node - counts, 0)
+        slots = np.minimum(slots, per_node_room)
+    slots[~filters.eligible] = 0
+    take, domain_after = _distribute(request, table, counts, slots)
+    where = np.flatnonzero(take)
+    taken = take[where]
+    unplaced = request.count - int(taken.sum())
     reason = ""
     if unplaced:
-        parts: list[str] = []
-        if (~ready).any():
-            parts.append(f"{_plural(int((~ready).sum()), 'node')} not ready")
-        mask = ready.copy()
-        if (mask & ~has_driver).any():
-            count = int((mask & ~has_driver).sum())
-            verb = "lacks" if count == 1 else "lack"
-            parts.append(f"{_plural(count, 'node')} {verb} the {request.driver} driver")
-        mask &= has_driver
-        if (mask & ~selector).any():
-            count = int((mask & ~selector).sum())
-            verb = "fails" if count == 1 else "fail"
-            parts.append(f"{_plural(count, 'node')} {verb} node_selector")
-        mask &= selector
-        for resource, lacking in short.items():
-            if (mask & lacking).any():
-                count = int((mask & lacking).sum())
-                verb = "lacks" if count == 1 else "lack"
-                parts.append(f"{_plural(count, 'node')} {verb} {resource}")
-        full = mask & (slots == take) & (take > 0)
-        for resource, fit in fits.items():
-            # nodes this placement filled, named by the resource that ran out
-            ran_out = full & (fit == slots)
-            if ran_out.any():
-                parts.append(f"{_plural(int(ran_out.sum()), 'node')} ran out of {resource}")
-                full &= ~ran_out
-        reason = f"{unplaced} of {request.count} replicas fit no node: " + (
-            ", ".join(parts) if parts else "no node is eligible"
-        )
-    return Solution(per_node, unplaced, reason, why)
+        reason = _unplaced_reason(request, filters, needs, fits, per_node_room, slots, take)
+    cols = np.array([c for c in columns if c is not None], dtype=np.intp)
+    need = np.array([a for c, (_, a) in zip(columns, needs, strict=True) if c is not None])
+    table.commit(request.service, where, taken, need, cols)
+    why = _why(request, table, counts, slots, where, taken, cols, domain_after)
+    return Solution(table.ids, where, taken, unplaced, reason, why)
 
 
-def _water_fill(
-    counts: npt.NDArray[np.int64],
-    slots: npt.NDArray[np.int64],
-    k: int,
-    order: npt.NDArray[np.intp] | None = None,
-) -> npt.NDArray[np.int64]:
-    """Add up to k replicas, raising the lowest per-node counts first (spread), within slots.
+def room_for(request: ClassRequest, table: NodeTable, counts: Ints) -> Ints:
+    """Replicas of the class each node could take now: by resources and max_per_node, and -1
+    where a hard rule (readiness, driver, selector, affinity, avoid) rules the node out."""
+    filters = _filters(request, table)
+    slots = np.full(len(table), UNLIMITED, dtype=np.int64)
+    for r, amount in request.resources.items():
+        if amount <= 0:
+            continue
+        col = table.column(r)
+        if col is None:
+            return np.where(filters.eligible, 0, -1).astype(np.int64)
+        fit = np.floor((table.capacity[col] - table.allocated[col]) / amount + 1e-9)
+        slots = np.minimum(slots, np.maximum(fit, 0).astype(np.int64))
+    if request.max_per_node is not None:
+        slots = np.minimum(slots, np.maximum(request.max_per_node - counts, 0))
+    return np.where(filters.eligible, slots, -1).astype(np.int64)
 
-    Finds the highest level L such that filling every node up to L needs at most k replicas,
-    then hands the rest out one per node at level L, least loaded first (`order`).
-    """
-    capacity = int(np.minimum(slots, UNLIMITED).sum())
-    k = min(k, capacity)
-    if k <= 0:
-        return np.zeros_like(counts)
-    ceiling = counts + slots
 
-    def needed(level: int) -> int:
-        return int(np.clip(level - counts, 0, slots).sum())
+def _spread_key(table: NodeTable, where: Index) -> Ints:
+    """Least loaded (all services) first; the fill breaks ties by position."""
+    return table.totals[where]
 
-    lo, hi = int(counts.min()), int(np.minimum(ceiling, counts.max() + k).max())
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if needed(mid) <= k:
-            lo = mid
+
+def _binpack_key(table: NodeTable, where: Index, cols: Index) -> Floats:
+    """Fullest first (the dominant share of the resources the class asks for), then the
+    largest, then by position."""
+    share = np.zeros(len(where))
+    size = np.zeros(len(where))
+    for col in cols:
+        cap = table.capacity[col, where]
+        share = np.maximum(share, table.allocated[col, where] / np.maximum(cap, 1e-12))
+        size += cap / max(float(table.capacity[col].max()), 1e-12)
+    return -share - 1e-4 * size + where * 1e-12
+
+
+def _fill(
+    request: ClassRequest, table: NodeTable, counts: Ints, slots: Ints, where: Index, k: int
+) -> Ints:
+    """k replicas over the nodes at `where` (one domain, all with room): preferred tiers
+    first."""
+    take = np.zeros(len(where), dtype=np.int64)
+    if k <= 0 or len(where) == 0:
+        return take
+    if request.prefer:
+        score = np.zeros(len(where), dtype=np.int64)
+        for p in request.prefer:
+            score += p.weight * table.label(p.label, p.value)[where]
+        tiers = [np.flatnonzero(score == s) for s in np.unique(score)[::-1]]
+    else:
+        tiers = [np.arange(len(where))]
+    cols = _resource_cols(request, table)
+    left = k
+    for inner in tiers:
+        if left <= 0:
+            break
+        nodes = where[inner]
+        if request.strategy == "binpack":
+            got = _binpack(table, slots, nodes, left, cols)
         else:
-            hi = mid - 1
-    take = np.clip(lo - counts, 0, slots)
-    rest = k - int(take.sum())
-    if rest > 0:
-        room = (counts + take == lo) & (take < slots)
-        ranked = np.arange(len(counts)) if order is None else order
-        for index in ranked[room[ranked]][:rest]:
-            take[index] += 1
-    return take.astype(np.int64)
+            got = water_fill(counts[nodes], slots[nodes], left, _spread_key(table, nodes))
+        take[inner] = got
+        left -= int(got.sum())
+    return take
+
+
+def _binpack(table: NodeTable, slots: Ints, nodes: Index, k: int, cols: Index) -> Ints:
+    """Binpack: in proportion over the batch's pool first, then the fullest nodes first."""
+    got = np.zeros(len(nodes), dtype=np.int64)
+    if table.pool is not None:
+        inside = np.flatnonzero(table.pool[nodes])
+        if len(inside):
+            members = nodes[inside]
+            # rounding leftovers go to the emptiest pool nodes: the mix stays even
+            emptiest = -_binpack_key(table, members, cols)
+            got[inside] = proportional_fill(slots[members], k, emptiest)
+    left = k - int(got.sum())
+    if left > 0:
+        room = slots[nodes] - got
+        got += ordered_fill(room, left, _binpack_key(table, nodes, cols))
+    return got
+
+
+def _resource_cols(request: ClassRequest, table: NodeTable) -> Index:
+    found = [table.column(r) for r, need in request.resources.items() if need > 0]
+    return np.array([c for c in found if c is not None], dtype=np.intp)
+
+
+def _distribute(
+    request: ClassRequest, table: NodeTable, counts: Ints, slots: Ints
+) -> tuple[Ints, dict[int, int]]:
+    """How many go on each node, and (with spread_by) each domain's count afterwards."""
+    take = np.zeros(len(table), dtype=np.int64)
+    # a new service spread without preferences: one replica on each of the least loaded
+    # nodes with room (what the water-fill would do), without its set-up
+    plain = (
+        request.strategy == "spread" and not request.prefer and request.service not in table.placed
+    )
+    if request.spread_by is None:
+        open_ = np.flatnonzero(slots > 0)
+        if plain and request.count <= len(open_):
+            take[open_[lowest(table.totals[open_], request.count)]] = 1
+        else:
+            take[open_] = _fill(request, table, counts, slots, open_, request.count)
+        return take, {}
+    key_name = request.spread_by
+    size = len(table.vocab.get(key_name, {}))
+    domain = table.domains(key_name)
+    shifted = domain + 1  # ABSENT (-1) becomes bucket 0
+    d_slots = np.bincount(shifted, weights=slots, minlength=size + 1)[1:].astype(np.int64)
+    d_counts = np.zeros(size, dtype=np.int64)
+    found = table.placed.get(request.service)
+    if found is not None:
+        d_counts = np.bincount(shifted[found[0]], weights=found[1], minlength=size + 1)[1:]
+        d_counts = d_counts.astype(np.int64)
+    if request.rotation is not None:
+        key: npt.NDArray[np.generic] = rotation_key(size, request.rotation)
+    else:
+        key = table.domain_totals(key_name)
+    quota = water_fill(d_counts, d_slots, request.count, key)
+    members = table.members(key_name)
+    for code in np.flatnonzero(quota):
+        group = members[int(code)]
+        group = group[slots[group] > 0]
+        q = int(quota[code])
+        if plain and q <= len(group):
+            take[group[lowest(table.totals[group], q)]] = 1
+        else:
+            take[group] = _fill(request, table, counts, slots, group, q)
+    left = request.count - int(quota.sum())
+    if left > 0:
+        # nodes without the label take what the domains could not
+        group = members.get(ABSENT, _no_index())
+        group = group[slots[group] > 0]
+        take[group] = _fill(request, table, counts, slots, group, left)
+    after = d_counts + quota
+    return take, {int(code): int(after[code]) for code in np.flatnonzero(quota)}
+
+
+def _why(
+    request: ClassRequest,
+    table: NodeTable,
+    counts: Ints,
+    slots: Ints,
+    where: Index,
+    taken: Ints,
+    cols: Index,
+    domain_after: dict[int, int],
+) -> Why:
+    after = counts[where] + taken
+    room = slots[where]
+    matched: list[list[str]] = []
+    if request.prefer:
+        hits = [
+            (f"{p.label}={p.value}", table.label(p.label, p.value)[where]) for p in request.prefer
+        ]
+        matched = [[name for name, hit in hits if hit[j]] for j in range(len(where))]
+    if request.strategy == "binpack":
+        share = np.zeros(len(where))
+        for col in cols:
+            cap = np.maximum(table.capacity[col, where], 1e-12)
+            share = np.maximum(share, table.allocated[col, where] / cap)  # committed already
+        return Why("binpack", after, room, share=share, matched=matched)
+    if request.spread_by is None:
+        return Why("spread", after, room, matched=matched)
+    return Why(
+        "spread",
+        after,
+        room,
+        spread_by=request.spread_by,
+        codes=table.domains(request.spread_by)[where],
+        values=table.vocab.get(request.spread_by, {}),
+        domain_after=domain_after,
+        matched=matched,
+    )
+
+
+def _unplaced_reason(
+    request: ClassRequest,
+    filters: _Filters,
+    needs: list[tuple[str, float]],
+    fits: list[Floats],
+    per_node_room: Ints | None,
+    slots: Ints,
+    take: Ints,
+) -> str:
+    unplaced = request.count - int(take.sum())
+    parts: list[str] = []
+    mask = np.ones(len(slots), dtype=bool)
+    for name, passes in filters.steps:
+        failing = int((mask & ~passes).sum())
+        if failing:
+            if name == "ready":
+                parts.append(f"{_plural(failing, 'node')} not ready")
+            elif name == "driver":
+                verb = _verb(failing, "lacks", "lack")
+                parts.append(f"{_plural(failing, 'node')} {verb} the {request.driver} driver")
+            elif name == "avoid":
+                verb = _verb(failing, "runs", "run")
+                parts.append(f"{_plural(failing, 'node')} {verb} a service it avoids")
+            else:
+                verb = _verb(failing, "fails", "fail")
+                parts.append(f"{_plural(failing, 'node')} {verb} {name}")
+        mask &= passes
+    for j, (resource, _) in enumerate(needs):
+        lacking = mask & (fits[j] < 1)
+        failing = int(lacking.sum())
+        if failing:
+            parts.append(f"{_plural(failing, 'node')} {_verb(failing, 'lacks', 'lack')} {resource}")
+        mask &= ~lacking
+    if per_node_room is not None:
+        at_max = mask & (per_node_room < 1)
+        if at_max.any():
+            count = int(at_max.sum())
+            parts.append(
+                f"{_plural(count, 'node')} already {_verb(count, 'holds', 'hold')} "
+                f"max_per_node={request.max_per_node}"
+            )
+        mask &= ~at_max
+    full = mask & (slots == take) & (take > 0)
+    limits: list[tuple[str, npt.NDArray[np.generic]]] = [
+        (resource, fits[j]) for j, (resource, _) in enumerate(needs)
+    ]
+    if per_node_room is not None:
+        limits.append((f"max_per_node={request.max_per_node}", per_node_room))
+    for resource, fit in limits:
+        # nodes this placement filled, named by the limit that ran out
+        ran_out = full & (fit == slots)
+        if ran_out.any():
+            if resource.startswith("max_per_node"):
+                parts.append(f"{_plural(int(ran_out.sum()), 'node')} reached {resource}")
+            else:
+                parts.append(f"{_plural(int(ran_out.sum()), 'node')} ran out of {resource}")
+            full &= ~ran_out
+    return f"{unplaced} of {request.count} replicas fit no node: " + (
+        ", ".join(parts) if parts else "no node is eligible"
+    )

@@ -1,25 +1,44 @@
-"""The scheduler's thin handler: a mirror of nodes and assignments, and a request/reply
-subscriber that runs the pure solver. It keeps what it hands out as reservations until the
-assignment shows up in its mirror, so back-to-back requests never double-book a node."""
+"""The scheduler's thin handler: request/reply on `<prefix>.sched.place` (a queue group, so
+several schedulers share the work), requests batched over a short window, solved together by
+the pure solver (or its Ray shards), and committed with compare-and-set on each touched node's
+ledger in `corral-allocations`, Nomad-style: the replicas of a node whose ledger moved under
+us are planned again on fresh state, never written over someone else's booking."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import time
-from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NamedTuple
 
-from faststream.nats import NatsBroker
+import numpy as np
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import ValidationError
 
+from corral.bus.lifecycle import Loops
 from corral.bus.store import Mirror, Versioned
+from corral.schemas.errors import ConflictError
 from corral.schemas.placement import Placed, PlacementReply, PlacementRequest
-from corral.schemas.state import Assignment, NodeStatus, is_alive
+from corral.schemas.state import (
+    Assignment,
+    Booking,
+    NodeLedger,
+    NodeStatus,
+    ServiceRecord,
+    is_alive,
+)
 from corral.workers.runtime import Context
-from corral.workers.scheduler.placement import ClassRequest, NodeView, solve
+from corral.workers.scheduler.accounting import Accounts, Usage, book, release, stale
+from corral.workers.scheduler.executors import Executor, Sharded
+from corral.workers.scheduler.placement import ClassRequest, NodeTable, Solution
 
 log = logging.getLogger(__name__)
-RESERVATION_TTL = 30.0
+BOOKING_TTL = 30.0
+"""a booking no assignment took up within this long is freed"""
+ROUNDS = 5
+"""how many times a batch is planned again after ledger conflicts before giving up"""
 
 
 def node_ready(node: NodeStatus, grace: float, now: datetime | None = None) -> bool:
@@ -27,108 +46,325 @@ def node_ready(node: NodeStatus, grace: float, now: datetime | None = None) -> b
     return not node.draining and is_alive(node, now, grace)
 
 
-class Usage(NamedTuple):
-    """What one replica takes from a node, as the scheduler counts it."""
-
-    service: str
-    node: str
-    resources: dict[str, float]
+@dataclass
+class _Asked:
+    request: PlacementRequest
+    reply_to: str
+    placed: list[Placed]
+    left: list[str]
+    """replica ids still to place"""
+    reason: str = ""
 
 
 class SchedulerWorker:
     name = "scheduler"
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, *, executor: Executor | None = None) -> None:
         self.ctx = ctx
         buckets = ctx.bus.buckets
         self.nodes: Mirror[NodeStatus] = Mirror(buckets.nodes)
         self.assignments: Mirror[Assignment] = Mirror(buckets.assignments)
+        self.ledgers: Mirror[NodeLedger] = Mirror(buckets.allocations)
+        self.services: Mirror[ServiceRecord] = Mirror(buckets.services)
+        self.accounts = Accounts()
         self.assignments.listen(self._on_assignment)
-        self._known: dict[str, Usage] = {}
-        self.allocated: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.counts: dict[tuple[str, str], int] = defaultdict(int)
-        self.totals: dict[str, int] = defaultdict(int)
-        self.reserved: dict[str, tuple[float, Usage]] = {}
+        self.ledgers.listen(self._on_ledger)
+        self.nodes.listen(self._on_node)
+        self._template: NodeTable | None = None
+        self._shapes: dict[str, tuple[object, ...]] = {}
+        """node id -> what the template holds of it (labels, capacity, drivers)"""
+        self.executor: Executor = executor or Sharded(
+            ctx.settings.sched_shard_above, ctx.settings.sched_shards
+        )
+        self.loops = Loops("scheduler")
+        self._queue: list[_Asked] = []
+        self._wake = asyncio.Event()
+        self._sub: Subscription | None = None
+        self._release: set[str] = set()
+        self.conflicts = 0
+        """ledger writes that lost a race and were planned again (for tests and metrics)"""
 
-    def register(self, broker: NatsBroker) -> None:
-        @broker.subscriber(self.ctx.bus.names.place, queue=f"{self.ctx.bus.names.prefix}-scheduler")
-        async def on_place(request: PlacementRequest) -> dict[str, object]:
-            try:
-                return self.place(request).model_dump()
-            except Exception as exc:  # a bad request must never kill the scheduler
-                log.exception("placement failed")
-                return PlacementReply(error=str(exc)).model_dump()
+    def register(self, broker: object) -> None:
+        return None  # subscribes with nats-py in start(): replies are sent after the batch
 
     async def start(self) -> None:
-        await self.nodes.start()
-        await self.assignments.start()
+        for mirror in (self.nodes, self.ledgers, self.assignments, self.services):
+            await mirror.start()
+        names = self.ctx.bus.names
+        self._sub = await self.ctx.bus.nc.subscribe(
+            names.place, queue=f"{names.prefix}-scheduler", cb=self._on_request
+        )
+        self.loops.spawn(self._batches(), "batches")
+        self.loops.spawn(self._sweep(), "sweep")
 
     async def stop(self) -> None:
-        await self.assignments.stop()
-        await self.nodes.stop()
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        self._wake.set()
+        await self.loops.stop()
+        await self.executor.close()
+        for mirror in (self.services, self.assignments, self.ledgers, self.nodes):
+            await mirror.stop()
 
-    def _apply(self, usage: Usage, sign: int) -> None:
-        alloc = self.allocated[usage.node]
-        for resource, amount in usage.resources.items():
-            alloc[resource] += sign * amount
-        self.counts[(usage.service, usage.node)] += sign
-        self.totals[usage.node] += sign
-
+    # --- state ---------------------------------------------------------------------------
     def _on_assignment(self, key: str, item: Versioned[Assignment] | None) -> None:
-        previous = self._known.pop(key, None)
-        if previous is not None:
-            self._apply(previous, -1)
-        reservation = self.reserved.pop(key, None)
-        if reservation is not None:
-            self._apply(reservation[1], -1)
-        if item is not None:
-            a = item.value
-            usage = Usage(a.service, a.node, a.template.resources.as_dict())
-            self._known[key] = usage
-            self._apply(usage, +1)
+        if item is None:
+            self.accounts.set_assigned(key, None)
+            self._release.add(key)
+            self._wake.set()
+            return
+        a = item.value
+        self.accounts.set_assigned(key, Usage(a.service, a.node, a.template.resources.as_dict()))
 
-    def _expire_reservations(self) -> None:
-        now = time.monotonic()
-        for key in [k for k, (t, _) in self.reserved.items() if now - t > RESERVATION_TTL]:
-            _, assignment = self.reserved.pop(key)
-            self._apply(assignment, -1)
+    def _on_node(self, key: str, item: Versioned[NodeStatus] | None) -> None:
+        """Heartbeats change nothing the template holds; a new node, a gone one, or new
+        labels, capacity or drivers make the next batch build it again."""
+        if item is None:
+            if self._shapes.pop(key, None) is not None:
+                self._template = None
+            return
+        n = item.value
+        shape = (
+            tuple(sorted(n.labels.items())),
+            tuple(sorted(n.capacity.as_dict().items())),
+            tuple(n.drivers),
+        )
+        if self._shapes.get(key) != shape:
+            self._shapes[key] = shape
+            self._template = None
 
-    def place(self, request: PlacementRequest) -> PlacementReply:
-        self._expire_reservations()
+    def _on_ledger(self, key: str, item: Versioned[NodeLedger] | None) -> None:
+        self.accounts.set_ledger(key, item.value if item is not None else None)
+
+    def avoids(self) -> dict[str, tuple[str, ...]]:
+        return {
+            r.spec.name: tuple(r.spec.placement.avoid)
+            for r in self.services.values()
+            if r.spec.placement.avoid and not r.deleted
+        }
+
+    # --- requests ------------------------------------------------------------------------
+    async def _on_request(self, msg: Msg) -> None:
+        try:
+            request = PlacementRequest.model_validate_json(msg.data)
+        except ValidationError as exc:
+            if msg.reply:
+                error = f"invalid placement request: {exc.errors()[0]['msg']}"
+                await self.ctx.bus.nc.publish(
+                    msg.reply, PlacementReply(error=error).model_dump_json().encode()
+                )
+            return
+        self._queue.append(_Asked(request, msg.reply, [], list(request.replicas)))
+        self._wake.set()
+
+    async def _batches(self) -> None:
+        window = self.ctx.settings.sched_batch_window
+        while self.loops.running:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._release:
+                await self._release_freed()
+            if not self._queue:
+                continue
+            if window > 0 and not await self.loops.sleep(window):
+                return
+            batch, self._queue = self._queue, []
+            try:
+                await self.place(batch)
+            except Exception as exc:  # a bad batch must never kill the scheduler
+                log.exception("placement failed")
+                for asked in batch:
+                    asked.reason = f"scheduler error: {exc}"
+            await asyncio.gather(*(self._answer(asked) for asked in batch))
+
+    async def _answer(self, asked: _Asked) -> None:
+        if not asked.reply_to:
+            return
+        reply = PlacementReply(
+            placed=asked.placed,
+            unplaced=asked.left,
+            reason=asked.reason if asked.left else "",
+            error=asked.reason if asked.reason.startswith("scheduler error") else "",
+        )
+        with contextlib.suppress(Exception):
+            await self.ctx.bus.nc.publish(asked.reply_to, reply.model_dump_json().encode())
+
+    def table(self, services: list[str] | None = None) -> NodeTable:
+        """The cluster now. The nodes' fixed part is kept between batches; allocations,
+        readiness and the replicas of `services` (and of the services they avoid, or that
+        avoid them) are read fresh. None: every service."""
         grace = self.ctx.settings.node_grace
         now = datetime.now(UTC)
-        views = [
-            NodeView(
-                id=node.id,
-                labels=node.labels,
-                capacity=node.capacity.as_dict(),
-                allocated=dict(self.allocated.get(node.id, {})),
-                drivers=tuple(node.drivers),
-                ready=node_ready(node, grace, now),
-                count=self.counts.get((request.service, node.id), 0),
-                total=self.totals.get(node.id, 0),
+        nodes = sorted(self.nodes.values(), key=lambda n: n.id)
+        if self._template is None or self._template.ids != [n.id for n in nodes]:
+            self._template = NodeTable.build(
+                [self.accounts.view(node, True) for node in nodes], avoids={}
             )
-            for node in sorted(self.nodes.values(), key=lambda n: n.id)
-        ]
-        solution = solve(
-            ClassRequest(
-                count=len(request.replicas),
-                resources=request.resources,
-                node_selector=request.node_selector,
-                driver=request.driver,
-            ),
-            views,
+        template = self._template
+        position = {node_id: i for i, node_id in enumerate(template.ids)}
+        allocated = np.zeros_like(template.capacity)
+        columns = {r: c for c, r in enumerate(template.resources)}
+        totals = np.zeros(len(nodes), dtype=np.int64)
+        for node_id, resources in self.accounts.allocated.items():
+            i = position.get(node_id)
+            if i is None:
+                continue
+            totals[i] = self.accounts.totals.get(node_id, 0)
+            for r, amount in resources.items():
+                c = columns.get(r)
+                if c is not None:
+                    allocated[c, i] = amount
+        ready = np.fromiter((node_ready(n, grace, now) for n in nodes), bool, len(nodes))
+        avoids = self.avoids()
+        wanted = set(self.accounts.by_service) if services is None else set(services)
+        for name in list(wanted):
+            wanted.update(avoids.get(name, ()))
+        wanted.update(other for other, theirs in avoids.items() if wanted & set(theirs))
+        placed = {}
+        for name in wanted:
+            per_node = self.accounts.by_service.get(name)
+            if per_node:
+                found = [(position[n], c) for n, c in per_node.items() if n in position]
+                if found:
+                    where, counts = zip(*found, strict=True)
+                    placed[name] = (np.array(where, dtype=np.intp), np.array(counts))
+        return template.fresh(
+            allocated=allocated, totals=totals, ready=ready, placed=placed, avoids=avoids
         )
-        placed: list[Placed] = []
-        replicas = iter(request.replicas)
-        for node_id, count in solution.per_node.items():
-            for _ in range(count):
-                replica = next(replicas)
-                placed.append(Placed(replica=replica, node=node_id, reason=solution.why[node_id]))
-                # hold the capacity until the deployer's write reaches our mirror
-                held = Usage(request.service, node_id, request.resources)
-                key = f"{node_id}.{replica}"
-                if key not in self._known:
-                    self.reserved[key] = (time.monotonic(), held)
-                    self._apply(held, +1)
-        return PlacementReply(placed=placed, unplaced=list(replicas), reason=solution.reason)
+
+    async def place(self, batch: list[_Asked]) -> None:
+        """Plan, book with compare-and-set, and plan again what lost a race."""
+        for _ in range(ROUNDS):
+            todo = [asked for asked in batch if asked.left]
+            if not todo:
+                return
+            classes = [
+                ClassRequest.of(
+                    a.request.service,
+                    len(a.left),
+                    a.request.resources,
+                    a.request.rules(),
+                    a.request.driver,
+                )
+                for a in todo
+            ]
+            table = self.table([a.request.service for a in todo])
+            solutions = await self.executor.solve(classes, table)
+            if not await self._commit(todo, solutions):
+                return
+        for asked in batch:
+            if asked.left:
+                asked.reason = (
+                    f"{len(asked.left)} of {len(asked.request.replicas)} replicas: other "
+                    f"schedulers kept booking the same nodes; will try again"
+                )
+
+    async def _commit(self, todo: list[_Asked], solutions: list[Solution]) -> bool:
+        """Book every solution on its nodes' ledgers; True when some node lost a race and
+        its replicas need planning again."""
+        now = datetime.now(UTC)
+        per_node: dict[str, list[tuple[_Asked, str, str]]] = {}
+        for asked, solution in zip(todo, solutions, strict=True):
+            replicas = iter(asked.left)
+            notes = solution.why  # written once per solution, not once per node
+            for node_id, count in solution.per_node.items():
+                note = notes.get(node_id, "")
+                for _ in range(count):
+                    per_node.setdefault(node_id, []).append((asked, next(replicas), note))
+            asked.left = list(replicas)
+            asked.reason = solution.reason
+        results = await asyncio.gather(
+            *(self._book(node_id, entries, now) for node_id, entries in per_node.items()),
+            return_exceptions=True,
+        )
+        again = False
+        for (node_id, entries), result in zip(per_node.items(), results, strict=True):
+            if result is True:
+                for asked, replica, note in entries:
+                    asked.placed.append(Placed(replica=replica, node=node_id, reason=note))
+                continue
+            if not isinstance(result, ConflictError):
+                log.warning("could not book on %s: %s", node_id, result)
+            again = True
+            self.conflicts += 1
+            for asked, replica, _ in entries:
+                asked.left.append(replica)
+        return again
+
+    async def _book(
+        self, node_id: str, entries: list[tuple[_Asked, str, str]], now: datetime
+    ) -> bool:
+        bucket = self.ctx.bus.buckets.allocations
+        current = self.ledgers.items.get(node_id)
+        ledger = book(
+            current.value if current is not None else None,
+            node_id,
+            (
+                (replica, Booking(service=a.request.service, resources=a.request.resources, at=now))
+                for a, replica, _ in entries
+            ),
+        )
+        try:
+            if current is None:
+                revision = await bucket.create(node_id, ledger)
+            else:
+                revision = await bucket.update(node_id, ledger, current.revision)
+        except ConflictError:
+            await self._refresh(node_id)
+            raise
+        self.ledgers.note_written(node_id, ledger, revision)
+        self.accounts.set_ledger(node_id, ledger)
+        return True
+
+    async def _refresh(self, node_id: str) -> None:
+        """Read a node's ledger now, rather than waiting for the watch to bring it."""
+        fresh = await self.ctx.bus.buckets.allocations.get(node_id)
+        if fresh is None:
+            return
+        self.ledgers.note_written(node_id, fresh.value, fresh.revision)
+        self.accounts.set_ledger(node_id, self.ledgers.get(node_id))
+
+    # --- freeing room --------------------------------------------------------------------
+    async def _release_freed(self) -> None:
+        """Take removed assignments' bookings off their ledgers."""
+        keys, self._release = self._release, set()
+        by_node: dict[str, list[str]] = {}
+        for key in keys:
+            node, _, replica = key.partition(".")
+            by_node.setdefault(node, []).append(replica)
+        await asyncio.gather(
+            *(self._unbook(node, replicas) for node, replicas in by_node.items()),
+            return_exceptions=True,
+        )
+
+    async def _unbook(self, node_id: str, replicas: list[str]) -> None:
+        bucket = self.ctx.bus.buckets.allocations
+        for _ in range(ROUNDS):
+            current = self.ledgers.items.get(node_id)
+            if current is None:
+                return
+            smaller = release(current.value, replicas)
+            if smaller is None:
+                return
+            try:
+                revision = await bucket.update(node_id, smaller, current.revision)
+            except ConflictError:
+                await self._refresh(node_id)
+                continue
+            self.ledgers.note_written(node_id, smaller, revision)
+            self.accounts.set_ledger(node_id, smaller)
+            return
+
+    async def _sweep(self) -> None:
+        """Free bookings that no assignment took up (the asker crashed or gave up)."""
+        while await self.loops.sleep(BOOKING_TTL / 3):
+            now = datetime.now(UTC)
+            assigned = set(self.assignments.items)
+            for item in list(self.ledgers.items.values()):
+                old = stale(item.value, assigned, now, BOOKING_TTL)
+                if old:
+                    try:
+                        await self._unbook(item.value.node, old)
+                    except Exception as exc:
+                        log.warning("could not free bookings on %s: %s", item.value.node, exc)

@@ -1,0 +1,678 @@
+"""Corral benchmark: batch placement at scale, beside a per-replica baseline in the same run.
+
+    cd /work/main && .venv/bin/python bench/placement.py             # everything, a few minutes
+    .venv/bin/python bench/placement.py --services 500 --nodes 1000 --e2e-services 50 \
+        --e2e-nodes 100                                                # a quick check
+
+1. Throughput: `--services` x `--replicas` (10,000 x 100) on `--nodes` (10,000) nodes with
+   mixed sizes, GPUs, pools (node_selector) and zones (spread_by), solved by the pure solver in
+   this process, by the Ray-sharded solver (a local Ray with `--ray-cpus`, started before the
+   clock), and by a per-replica baseline (filter every node, score, pick the best, commit, one
+   replica at a time, as kube-scheduler and Nomad do; vectorised with NumPy too) on a subset.
+2. Quality: binpack nodes used / the lower bound; spread's largest zone skew per service.
+3. End to end: `--e2e-services` x `--e2e-replicas` on `--e2e-nodes` fake nodes through a real
+   nats-server, api, deployer and scheduler: from the first deploy command to all running.
+
+It prints a table; it is not a test. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import nats
+import numpy as np
+
+from corral.bus.codec import encode
+from corral.bus.connection import Bus
+from corral.bus.embedded import EmbeddedNats
+from corral.bus.settings import Settings
+from corral.bus.store import Mirror, Versioned
+from corral.schemas.commands import command_type
+from corral.schemas.envelope import CloudEvent
+from corral.schemas.spec import Affinity, Placement, Resources, ServiceSpec
+from corral.schemas.state import ReplicaState, ReplicaStatus
+from corral.services.runner import Host, make_agent
+from corral.workers.agent.worker import AgentWorker
+from corral.workers.api.worker import ApiWorker
+from corral.workers.deployer.worker import DeployerWorker
+from corral.workers.runtime import Context, Worker
+from corral.workers.scheduler.executors import Sharded
+from corral.workers.scheduler.placement import (
+    ClassRequest,
+    NodeTable,
+    NodeView,
+    Solution,
+    solve_batch,
+)
+from corral.workers.scheduler.worker import SchedulerWorker
+
+GiB = float(1 << 30)
+ZONES = 5
+POOLS = ("web", "batch", "db", "edge")
+KINDS = [  # (cpu, memory GiB, gpu, share of nodes)
+    (16.0, 64.0, 0.0, 0.4),
+    (32.0, 128.0, 0.0, 0.3),
+    (64.0, 256.0, 0.0, 0.2),
+    (32.0, 256.0, 4.0, 0.1),
+]
+THROUGHPUT_GOAL = 200_000.0
+SPEEDUP_GOAL = 100.0
+BINPACK_GOAL = 1.03
+E2E_GOAL = 30.0
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Row:
+    what: str
+    value: str
+    baseline: str = ""
+    goal: str = ""
+    verdict: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def print(self) -> None:
+        headers = ("measure", "Corral", "baseline (same run)", "goal", "")
+        table = [headers] + [(r.what, r.value, r.baseline, r.goal, r.verdict) for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+
+        def line(row: tuple[str, ...]) -> str:
+            return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+        print()
+        print(line(headers))
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        for row in table[1:]:
+            print(line(row))
+        for note in self.notes:
+            print(f"  note: {note}")
+        print(flush=True)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+# --- the cluster and the batch ---------------------------------------------------------------
+def nodes(count: int, seed: int = 1) -> list[NodeView]:
+    rng = random.Random(seed)
+    weights = [k[3] for k in KINDS]
+    out = []
+    for i in range(count):
+        cpu, memory, gpu, _ = rng.choices(KINDS, weights)[0]
+        capacity = {"cpu": cpu, "memory": memory * GiB}
+        if gpu:
+            capacity["gpu"] = gpu
+        out.append(
+            NodeView(
+                id=f"n{i:05d}",
+                labels={
+                    "zone": f"z{i % ZONES}",
+                    "pool": POOLS[(i // ZONES) % len(POOLS)],
+                    "disk": "ssd" if rng.random() < 0.5 else "hdd",
+                },
+                capacity=capacity,
+                allocated={},
+            )
+        )
+    return out
+
+
+def services(
+    count: int, replicas: int, seed: int = 2, strategy: str = "spread"
+) -> list[ClassRequest]:
+    """A mix: half spread over zones, a third with a pool selector, some with affinity, a few
+    with GPUs, and cpu/memory asks of several sizes."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        resources = {
+            "cpu": rng.choice([0.05, 0.1, 0.1, 0.2, 0.25]),
+            "memory": rng.choice([0.125, 0.25, 0.25, 0.5]) * GiB,
+        }
+        if i % 400 == 7:
+            resources["gpu"] = 1.0
+        selector = {"pool": POOLS[i % len(POOLS)]} if i % 3 == 0 else {}
+        affinity: tuple[Affinity, ...] = ()
+        if i % 10 == 5:
+            affinity = (Affinity(key="disk", operator="In", values=["ssd"]),)
+        out.append(
+            ClassRequest(
+                count=replicas,
+                service=f"s{i:05d}",
+                resources=resources,
+                node_selector=selector,
+                node_affinity=affinity,
+                spread_by="zone" if strategy == "spread" and i % 2 == 0 else None,
+                strategy=strategy,
+                max_per_node=None if i % 5 else 4,
+            )
+        )
+    return out
+
+
+def placed(solutions: list[Solution]) -> int:
+    return sum(s.placed for s in solutions)
+
+
+def zone_skew(table: NodeTable, classes: list[ClassRequest], solutions: list[Solution]) -> int:
+    zone = table.domains("zone")
+    worst = 0
+    for c, s in zip(classes, solutions, strict=True):
+        if c.spread_by is None or not len(s.where):
+            continue
+        per_zone = np.bincount(zone[s.where], weights=s.take, minlength=ZONES)
+        worst = max(worst, int(per_zone.max() - per_zone.min()))
+    return worst
+
+
+# --- the per-replica baseline ------------------------------------------------------------------
+def per_replica(table: NodeTable, classes: list[ClassRequest]) -> int:
+    """One replica at a time: filter every node, score every node, take the best, commit.
+    Scores as kube-scheduler's defaults do: fewest of the service on the node and in its zone
+    (spread), then the least allocated."""
+    n = len(table)
+    zone = table.domains("zone")
+    done = 0
+    for c in classes:
+        mask = table.ready & table.driver(c.driver)
+        for key, value in c.node_selector.items():
+            mask = mask & table.label(key, value)
+        for expr in c.node_affinity:
+            mask = mask & table.affinity(expr)
+        cols = [(table.column(r), a) for r, a in c.resources.items() if a > 0]
+        mine = np.zeros(n)
+        in_zone = np.zeros(ZONES)
+        for _ in range(c.count):
+            fits = mask.copy()
+            least = np.zeros(n)
+            for col, amount in cols:
+                if col is None:
+                    fits[:] = False
+                    continue
+                free = table.capacity[col] - table.allocated[col]
+                fits &= free >= amount
+                least += free / np.maximum(table.capacity[col], 1e-12)
+            if c.max_per_node is not None:
+                fits &= mine < c.max_per_node
+            score = -mine * 1000.0 + least
+            if c.spread_by is not None:
+                score -= in_zone[zone] * 100_000.0
+            score[~fits] = -np.inf
+            best = int(np.argmax(score))
+            if not fits[best]:
+                break
+            for col, amount in cols:
+                if col is not None:
+                    table.allocated[col, best] += amount
+            mine[best] += 1
+            in_zone[zone[best]] += 1
+            done += 1
+    return done
+
+
+def per_replica_loop(table: NodeTable, classes: list[ClassRequest], limit: int) -> int:
+    """kube-scheduler's shape without NumPy: for each replica, every filter plugin on every
+    node, then every score plugin on the feasible ones, then the best; up to `limit`."""
+    n = len(table)
+    ready = table.ready.tolist()
+    zone = table.domains("zone").tolist()
+    labels = [
+        {key: values for key, values in ((k, table.codes[k][i]) for k in table.codes)}
+        for i in range(n)
+    ]
+    cap = {r: table.capacity[c].tolist() for c, r in enumerate(table.resources)}
+    used = {r: table.allocated[c].tolist() for c, r in enumerate(table.resources)}
+    done = 0
+    for c in classes:
+        wanted = {k: table.vocab.get(k, {}).get(v, -2) for k, v in c.node_selector.items()}
+        needs = [(r, a) for r, a in c.resources.items() if a > 0]
+        mine = [0] * n
+        in_zone = [0] * ZONES
+        for _ in range(c.count):
+            if done >= limit:
+                return done
+            best, best_score = -1, float("-inf")
+            for i in range(n):
+                if not ready[i] or any(labels[i].get(k) != v for k, v in wanted.items()):
+                    continue
+                if any(r not in cap or cap[r][i] - used[r][i] < a for r, a in needs):
+                    continue
+                if c.max_per_node is not None and mine[i] >= c.max_per_node:
+                    continue
+                least = sum((cap[r][i] - used[r][i]) / (cap[r][i] or 1) for r, _ in needs)
+                score = -mine[i] * 1000.0 + least
+                if c.spread_by is not None:
+                    score -= in_zone[zone[i]] * 100_000.0
+                if score > best_score:
+                    best, best_score = i, score
+            if best < 0:
+                break
+            for r, a in needs:
+                used[r][best] += a
+            mine[best] += 1
+            in_zone[zone[best]] += 1
+            done += 1
+    return done
+
+
+# --- binpack quality ---------------------------------------------------------------------------
+def lower_bound(table: NodeTable, classes: list[ClassRequest]) -> int:
+    """For each resource, the fewest nodes (largest first) whose capacity covers the total
+    asked; the largest of those."""
+    best = 0
+    for resource in ("cpu", "memory", "gpu"):
+        col = table.column(resource)
+        demand = sum(c.count * c.resources.get(resource, 0.0) for c in classes)
+        if col is None or demand <= 0:
+            continue
+        caps = np.sort(table.capacity[col])[::-1]
+        best = max(best, int(np.searchsorted(np.cumsum(caps), demand - 1e-6) + 1))
+    return best
+
+
+# --- the phases --------------------------------------------------------------------------------
+def throughput(args: argparse.Namespace, report: Report) -> None:
+    cluster = nodes(args.nodes)
+    classes = services(args.services, args.replicas)
+    total = sum(c.count for c in classes)
+    say(f"throughput: {total:,} replicas ({args.services:,} services) on {args.nodes:,} nodes")
+
+    table = NodeTable.build(cluster)
+    t0 = time.perf_counter()
+    solutions = solve_batch(classes, table)
+    pure = time.perf_counter() - t0
+    pure_rate = placed(solutions) / pure
+    skew = zone_skew(table, classes, solutions)
+    unplaced = sum(s.unplaced for s in solutions)
+    say(f"  pure solver: {pure:.2f}s, {pure_rate:,.0f}/s, unplaced {unplaced:,}, skew {skew}")
+
+    # the baseline, on a subset of services large enough to time
+    subset = classes[: args.baseline_services]
+    base_table = NodeTable.build(cluster)
+    t0 = time.perf_counter()
+    base_done = per_replica(base_table, subset)
+    base = time.perf_counter() - t0
+    base_rate = base_done / base
+    say(f"  per-replica baseline: {base_done:,} in {base:.2f}s, {base_rate:,.0f}/s")
+
+    loop_table = NodeTable.build(cluster)
+    t0 = time.perf_counter()
+    loop_done = per_replica_loop(loop_table, subset, args.loop_replicas)
+    loop = time.perf_counter() - t0
+    loop_rate = loop_done / loop
+    say(f"  per-replica plugin loop: {loop_done:,} in {loop:.2f}s, {loop_rate:,.0f}/s")
+
+    report.rows.append(
+        Row(
+            f"pure solver, one process: {total:,} replicas on {args.nodes:,} nodes",
+            f"{pure_rate:,.0f} placements/s ({pure:.2f} s)",
+            f"per replica, NumPy filter+score: {base_rate:,.0f}/s ({base_done:,} replicas)",
+            f">= {THROUGHPUT_GOAL:,.0f}/s and >= {SPEEDUP_GOAL:.0f}x",
+            f"{verdict(pure_rate >= THROUGHPUT_GOAL)}; {pure_rate / base_rate:,.0f}x "
+            f"({verdict(pure_rate / base_rate >= SPEEDUP_GOAL)})",
+        )
+    )
+    report.rows.append(
+        Row(
+            "same, against a per-replica plugin loop (every filter and score on every node)",
+            f"{pure_rate:,.0f} placements/s",
+            f"per replica, plugin loop: {loop_rate:,.1f}/s ({loop_done:,} replicas)",
+            f">= {SPEEDUP_GOAL:.0f}x",
+            f"{pure_rate / loop_rate:,.0f}x ({verdict(pure_rate / loop_rate >= SPEEDUP_GOAL)})",
+        )
+    )
+    args.loop_rate = loop_rate
+    report.rows.append(
+        Row(
+            "spread: largest zone skew of any spread_by service (pure)",
+            f"{skew} replica(s); unplaced {unplaced:,}",
+            "",
+            "<= 1",
+            verdict(skew <= 1),
+        )
+    )
+
+    if args.ray_cpus > 0:
+        ray_phase(args, report, cluster, classes, pure_rate, base_rate)
+
+    # binpack
+    packs = services(args.binpack_services, args.replicas, seed=5, strategy="binpack")
+    # binpack alone: no selector, affinity, max_per_node or GPU (whose few nodes would make
+    # the per-resource bound unreachable) stands between it and the bound
+    packs = [
+        replace(
+            c,
+            node_selector={},
+            node_affinity=(),
+            max_per_node=None,
+            resources={k: v for k, v in c.resources.items() if k != "gpu"},
+        )
+        for c in packs
+    ]
+    pack_table = NodeTable.build(cluster)
+    t0 = time.perf_counter()
+    pack_solutions = solve_batch(packs, pack_table)
+    pack_time = time.perf_counter() - t0
+    used = int((pack_table.totals > 0).sum())
+    bound = lower_bound(pack_table, packs)
+    ratio = used / bound
+    say(f"  binpack: {used} nodes used, lower bound {bound}, {ratio:.3f}, {pack_time:.2f}s")
+    report.rows.append(
+        Row(
+            f"binpack: {sum(c.count for c in packs):,} replicas, nodes used / lower bound",
+            f"{used} / {bound} = {ratio:.3f} ({placed(pack_solutions):,} placed, "
+            f"{pack_time:.2f} s)",
+            "",
+            f"<= {BINPACK_GOAL}",
+            verdict(ratio <= BINPACK_GOAL),
+        )
+    )
+
+
+def ray_phase(
+    args: argparse.Namespace,
+    report: Report,
+    cluster: list[NodeView],
+    classes: list[ClassRequest],
+    pure_rate: float,
+    base_rate: float,
+) -> None:
+    executor = Sharded(above=0, shards=args.shards, num_cpus=args.ray_cpus)
+    try:
+        t0 = time.perf_counter()
+        executor.solve_now(classes[:2], NodeTable.build(cluster))  # ray.init and a warm-up
+        start = time.perf_counter() - t0
+        table = NodeTable.build(cluster)
+        t0 = time.perf_counter()
+        solutions = executor.solve_now(classes, table)
+        took = time.perf_counter() - t0
+    finally:
+        asyncio.run(executor.close())
+    rate = placed(solutions) / took
+    skew = zone_skew(table, classes, solutions)
+    unplaced = sum(s.unplaced for s in solutions)
+    say(f"  ray: start {start:.1f}s, {took:.2f}s, {rate:,.0f}/s, unplaced {unplaced}, skew {skew}")
+    report.rows.append(
+        Row(
+            f"Ray-sharded ({args.shards or args.ray_cpus} shards, local Ray, {args.ray_cpus} CPUs)",
+            f"{rate:,.0f} placements/s ({took:.2f} s; Ray start {start:.1f} s, not counted)",
+            f"one process: {pure_rate:,.0f}/s",
+            "faster than one process; >= 100x per replica",
+            f"{verdict(rate > pure_rate)} ({rate / pure_rate:.2f}x); {rate / base_rate:,.0f}x "
+            f"NumPy per replica ({verdict(rate / base_rate >= SPEEDUP_GOAL)}), "
+            f"{rate / args.loop_rate:,.0f}x plugin loop "
+            f"({verdict(rate / args.loop_rate >= SPEEDUP_GOAL)})",
+        )
+    )
+    report.rows.append(
+        Row(
+            "spread: largest zone skew (Ray-sharded)",
+            f"{skew} replica(s); unplaced {unplaced:,}",
+            "",
+            "<= 1",
+            verdict(skew <= 1),
+        )
+    )
+
+
+# --- end to end: deploy commands through the real bus to running fake nodes -------------
+def fake_nodes(ctx: Context, first: int, last: int) -> list[AgentWorker]:
+    """Fake nodes n<first>..n<last-1>: zones round-robin, three sizes."""
+    sizes = [(16, 64), (32, 128), (64, 256)]
+    out = []
+    for i in range(first, last):
+        cpu, memory = sizes[i % len(sizes)]
+        out.append(
+            make_agent(
+                ctx,
+                node_id=f"n{i}",
+                driver="fake",
+                capacity=Resources(cpu=cpu, memory=int(memory * GiB)),
+                labels={"zone": f"z{i % ZONES}", "size": str(cpu)},
+            )
+        )
+    return out
+
+
+async def agents_child(url: str, prefix: str, first: str, last: str, data_dir: str) -> None:
+    """Host fake nodes in this child process until standard input closes."""
+    settings = Settings(nats_url=url, prefix=prefix, data_dir=Path(data_dir))
+    bus = await Bus.connect(settings, name=f"bench-agents-{first}")
+    started: list[AgentWorker] = []
+    try:
+        agents = fake_nodes(Context(settings=settings, bus=bus), int(first), int(last))
+        for i in range(0, len(agents), 25):
+            chunk = agents[i : i + 25]
+            await asyncio.gather(*(a.start() for a in chunk))
+            started.extend(chunk)
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.read)  # returns at EOF: the parent is done
+    finally:
+        await asyncio.gather(*(a.stop() for a in started), return_exceptions=True)
+        await bus.close()
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Children:
+    def __init__(self) -> None:
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(
+        self, script: str, url: str, prefix: str, nodes: int, count: int, tmp: str
+    ) -> None:
+        bounds = [nodes * k // count for k in range(count + 1)]
+        for k in range(count):
+            self.procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    script,
+                    "--agents-child",
+                    url,
+                    prefix,
+                    str(bounds[k]),
+                    str(bounds[k + 1]),
+                    tmp,
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    preexec_fn=_die_with_parent,
+                )
+            )
+        for proc in self.procs:
+            assert proc.stdout is not None
+            if (await proc.stdout.readline()).strip() != b"ready":
+                raise RuntimeError(f"agent child {proc.pid} did not start")
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 60)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+class Running:
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.keys: set[str] = set()
+        self.done = asyncio.Event()
+        self.at = 0.0
+
+    def on_replica(self, key: str, item: Versioned[ReplicaStatus] | None) -> None:
+        if item is not None and item.value.state == ReplicaState.RUNNING:
+            self.keys.add(key)
+            if len(self.keys) >= self.total and not self.done.is_set():
+                self.at = time.perf_counter()
+                self.done.set()
+        else:
+            self.keys.discard(key)
+
+
+def deploy_command(names: Any, spec: ServiceSpec) -> tuple[str, dict[str, str], bytes]:
+    event = CloudEvent(
+        source="bench/placement",
+        type=command_type("service", "deploy"),
+        subject=spec.name,
+        data=spec.model_dump(mode="json", exclude_none=True),
+    )
+    headers, payload = encode(event)
+    return names.cmd("service", spec.name, "deploy"), headers, payload
+
+
+async def end_to_end(args: argparse.Namespace, report: Any, script: str) -> None:
+    services, per, nodes = args.e2e_services, args.e2e_replicas, args.e2e_nodes
+    total = services * per
+    tmp = tempfile.mkdtemp(prefix="corral-bench-placement-")
+    server = EmbeddedNats(Path(tmp) / "js", port=0, log_file=Path(tmp) / "nats-server.log")
+    url = await asyncio.to_thread(server.start)
+    settings = Settings(nats_url=url, prefix="bplace", data_dir=Path(tmp))
+    children = Children()
+    schedulers: list[SchedulerWorker] = []
+
+    def build(ctx: Context) -> list[Worker]:
+        scheduler = SchedulerWorker(ctx)
+        schedulers.append(scheduler)
+        return [ApiWorker(ctx), scheduler, DeployerWorker(ctx)]
+
+    host = Host(settings, build, name="bench-placement")
+    nc = await nats.connect(url, name="bench-placement-client")
+    mirror: Mirror[ReplicaStatus] | None = None
+    try:
+        await host.__aenter__()
+        t_boot = time.perf_counter()
+        await children.start(script, url, settings.prefix, nodes, args.e2e_agent_procs, tmp)
+        deployer = next(w for w in host.started if isinstance(w, DeployerWorker))
+        deadline = time.monotonic() + 60
+        while len(schedulers[0].nodes.items) < nodes or not deployer.lease.held.is_set():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(schedulers[0].nodes.items)} nodes seen")
+            await asyncio.sleep(0.05)
+        say(f"e2e: {nodes} fake nodes up in {time.perf_counter() - t_boot:.1f}s")
+        watch = Running(total)
+        mirror = Mirror(host.ctx.bus.buckets.replicas)
+        mirror.listen(watch.on_replica)
+        await mirror.start()
+        names = host.ctx.bus.names
+        commands = [
+            deploy_command(
+                names,
+                ServiceSpec(
+                    name=f"s{i}",
+                    replicas=per,
+                    command=["sleep", "1"],
+                    resources=Resources(cpu=0.1, memory=128 << 20),
+                    placement=Placement(spread_by="zone") if i % 2 == 0 else Placement(),
+                ),
+            )
+            for i in range(services)
+        ]
+        js = nc.jetstream()
+        say(f"e2e: deploying {services} x {per} = {total:,} replicas on {nodes} nodes ...")
+        t0 = time.perf_counter()
+        for subject, headers, payload in commands:
+            await js.publish_async(subject, payload, headers=dict(headers), stream=names.cmd_stream)
+        await js.publish_async_completed()
+        end = time.monotonic() + args.e2e_timeout
+        while not watch.done.is_set() and time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(watch.done.wait(), 2.0)
+            say(f"  t={time.perf_counter() - t0:5.1f}s running {len(watch.keys):,}/{total:,}")
+        took = (watch.at if watch.done.is_set() else time.perf_counter()) - t0
+        per_node: Counter[str] = Counter()
+        if watch.done.is_set():  # an overloaded bus would make this read take minutes
+            raw = await asyncio.wait_for(host.ctx.bus.buckets.assignments.items(), 60)
+            per_node = Counter(v.value.node for v in raw.values())
+        conflicts = sum(s.conflicts for s in schedulers)
+        done = watch.done.is_set()
+        report.rows.append(
+            Row(
+                f"end to end: {services:,} x {per} = {total:,} replicas on {nodes:,} fake nodes, "
+                "deploy commands -> all running",
+                f"{took:.1f} s" + ("" if done else f" ({len(watch.keys):,} running, timed out)"),
+                "",
+                f"<= {E2E_GOAL:.0f} s",
+                verdict(done and took <= E2E_GOAL),
+            )
+        )
+        spread = (
+            f"replicas per node {min(per_node.values())}-{max(per_node.values())} over "
+            f"{len(per_node)} nodes; "
+            if per_node
+            else ""
+        )
+        report.notes.append(f"e2e: {spread}{conflicts} ledger conflicts re-planned")
+    finally:
+        if mirror is not None:
+            await mirror.stop()
+        await children.stop()
+        await host.__aexit__(None, None, None)
+        await nc.drain()
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--nodes", type=int, default=10_000)
+    p.add_argument("--services", type=int, default=10_000)
+    p.add_argument("--replicas", type=int, default=100)
+    p.add_argument("--baseline-services", type=int, default=20, help="services the baseline places")
+    p.add_argument("--loop-replicas", type=int, default=200, help="replicas the plugin loop places")
+    p.add_argument("--binpack-services", type=int, default=1_000)
+    p.add_argument("--ray-cpus", type=int, default=2, help="0: skip the Ray phase")
+    p.add_argument("--shards", type=int, default=0, help="0: one per Ray CPU")
+    p.add_argument("--e2e-services", type=int, default=1_000, help="0: skip the end-to-end phase")
+    p.add_argument("--e2e-replicas", type=int, default=100)
+    p.add_argument("--e2e-nodes", type=int, default=1_000)
+    p.add_argument("--e2e-agent-procs", type=int, default=1)
+    p.add_argument("--e2e-timeout", type=float, default=120.0)
+    p.add_argument("--agents-child", nargs=5, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.agents_child:
+        asyncio.run(agents_child(*args.agents_child))
+        return
+    report = Report()
+    if args.services > 0:
+        throughput(args, report)
+    if args.e2e_services > 0:
+        asyncio.run(end_to_end(args, report, __file__))
+    report.print()
+
+
+if __name__ == "__main__":
+    main()

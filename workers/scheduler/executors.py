@@ -1,0 +1,90 @@
+"""Where a batch is solved: in this process, or sharded over Ray above a size (the seam that
+tests fake; see `sharding.py` for the pure split and merge)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, Protocol
+
+from corral.workers.scheduler.placement import ClassRequest, NodeTable, Solution, solve_batch
+from corral.workers.scheduler.sharding import merge, shard_count, solve_shard, split
+
+IN_THREAD_ABOVE = 2_000
+"""replicas: a batch this large is solved off the event loop, so heartbeats keep flowing"""
+
+
+class Executor(Protocol):
+    async def solve(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
+        """Place every class on the table; solutions in the order of `classes`."""
+
+    async def close(self) -> None:
+        """Release what the executor started."""
+
+
+class InProcess:
+    async def solve(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
+        if sum(c.count for c in classes) > IN_THREAD_ABOVE:
+            return await asyncio.to_thread(solve_batch, classes, table)
+        return solve_batch(classes, table)
+
+    async def close(self) -> None:
+        return None
+
+
+class Sharded:
+    """Batches above `above` replicas go to Ray, one task per shard of nodes; smaller ones are
+    solved in this process. Ray is imported and started on the first large batch, never
+    before: joining the cluster in `RAY_ADDRESS` when it is set, else a local Ray on this
+    machine's CPUs (without the dashboard)."""
+
+    def __init__(self, above: int, shards: int = 0, *, num_cpus: int | None = None) -> None:
+        self.above = above
+        self.shards = shards
+        self.num_cpus = num_cpus
+        self.local = InProcess()
+        self._task: Any = None
+        self._started = False
+        self.used = 0
+        """batches sent to Ray so far"""
+
+    def _ensure(self) -> Any:
+        import ray  # only here: `corral up` must not pay for Ray before a large batch
+
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS") or None
+            if address is None:
+                ray.init(
+                    num_cpus=self.num_cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+            else:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            self._started = True
+        if self._task is None:
+            self._task = ray.remote(solve_shard)
+        return ray
+
+    async def solve(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
+        if sum(c.count for c in classes) <= self.above:
+            return await self.local.solve(classes, table)
+        return await asyncio.to_thread(self.solve_now, classes, table)
+
+    def solve_now(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
+        """Solve on Ray, blocking (for benchmarks and threads)."""
+        ray = self._ensure()
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        shards = split(table, classes, shard_count(self.shards, cpus))
+        refs = [self._task.remote(table.shard(s.rows), s.classes) for s in shards]
+        answers = ray.get(refs)
+        self.used += 1
+        return merge(table, classes, shards, answers)
+
+    async def close(self) -> None:
+        if self._started:
+            import ray
+
+            await asyncio.to_thread(ray.shutdown)
+            self._started = False

@@ -1,0 +1,273 @@
+"""Sharding a batch over node shards, and merging the shards' answers. Pure: no Ray, no I/O;
+`executors.py` sends `solve_shard` to Ray tasks, one per shard.
+
+- **Split.** Nodes are dealt round-robin into shards after sorting them by the labels the
+  batch spreads by, so every shard holds the same mix of zones (or racks) and of sizes. Each
+  shard gets its share of the replicas: small classes whole (to the shard with the fewest
+  replicas so far, so each shard does half the classes on half the nodes), large ones split
+  into near-equal shares, each with a `rotation` so that the shards' leftover replicas start
+  in different domains: the remainders tile the domains and the class stays within one
+  replica of even, as if one process had placed it.
+- **Merge and repair.** The shards' placements are committed into the whole table; replicas
+  a shard could not fit (its nodes were full, or its share of a selector's nodes was too
+  small) are placed again by the one-process solver over every node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from corral.workers.scheduler.placement import ClassRequest, Solution, Why, solve_batch
+from corral.workers.scheduler.table import Floats, Index, Ints, NodeTable
+
+SPLIT_ABOVE = 0.05
+"""a class larger than this share of one shard's replicas is split over every shard; smaller
+ones go whole to the shard with the fewest replicas so far"""
+
+
+@dataclass(frozen=True)
+class Shard:
+    rows: Index
+    """positions of the shard's nodes in the whole table"""
+    classes: list[ClassRequest]
+    """the shard's share of the replicas: whole classes, and its part of each split one"""
+    owners: list[int]
+    """for each of `classes`, its position in the batch"""
+
+
+def deal(table: NodeTable, shards: int, keys: Sequence[str]) -> list[Index]:
+    """Node positions for each shard: sorted by the spread labels (then shuffled with a fixed
+    seed, so that no other label lines up with the dealing), then dealt round-robin."""
+    order = np.random.default_rng(0).permutation(len(table))
+    if keys:
+        # lexsort's last key is the primary one: the first spread label, then the next...
+        columns: list[npt.NDArray[np.int64]] = [np.arange(len(order), dtype=np.int64)]
+        columns += [table.domains(k)[order].astype(np.int64) for k in reversed(keys)]
+        order = order[np.lexsort(columns)]
+    return [np.sort(order[s::shards]) for s in range(shards)]
+
+
+def cost(c: ClassRequest) -> float:
+    """A rough price of placing a class, in units of a plain one: the work per class is
+    mostly fixed (a few dozen array passes), spread_by and prefer add passes per domain and
+    tier, and only very large classes cost by their count."""
+    return 1.0 + (2.0 if c.spread_by else 0.0) + 0.5 * len(c.prefer) + c.count / 1000
+
+
+def split(table: NodeTable, classes: Sequence[ClassRequest], shards: int) -> list[Shard]:
+    shards = max(1, min(shards, len(table)))
+    keys = sorted({c.spread_by for c in classes if c.spread_by is not None})
+    rows = deal(table, shards, keys)
+    parts: list[list[ClassRequest]] = [[] for _ in range(shards)]
+    owners: list[list[int]] = [[] for _ in range(shards)]
+    load = [0.0] * shards
+    big = SPLIT_ABOVE * sum(c.count for c in classes) / shards
+    base: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        if c.count <= big or shards == 1:
+            s = min(range(shards), key=load.__getitem__)
+            parts[s].append(c)
+            owners[s].append(i)
+            load[s] += cost(c)
+            continue
+        whole, odd = divmod(c.count, shards)
+        start = i % shards
+        shares = [whole + (1 if (s - start) % shards < odd else 0) for s in range(shards)]
+        domains = max(1, len(table.vocab.get(c.spread_by, {}))) if c.spread_by else 1
+        offset = base.get(c.spread_by or "", 0)
+        for s in range(shards):
+            rotation = offset % domains if c.spread_by else None
+            parts[s].append(replace(c, count=shares[s], rotation=rotation))
+            owners[s].append(i)
+            load[s] += cost(replace(c, count=shares[s]))
+            offset += shares[s] % domains
+        if c.spread_by:
+            # the next split class starts where this one stopped: domains fill evenly
+            base[c.spread_by] = offset % domains
+    return [Shard(rows[s], parts[s], owners[s]) for s in range(shards)]
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A shard's solutions as a few flat arrays: Ray moves thousands of small arrays slowly
+    and a handful of large ones fast."""
+
+    ids: list[str]
+    bounds: Ints
+    """solution i owns entries bounds[i]:bounds[i + 1] of the arrays below"""
+    where: Index
+    take: Ints
+    after: Ints
+    room: Ints
+    codes: npt.NDArray[np.int32]
+    share: Floats
+    unplaced: list[int]
+    reasons: list[str]
+    whys: list[tuple[str, str | None, dict[str, int], dict[int, int], list[list[str]]] | None]
+    """each solution's reason parts without their arrays: kind, spread_by, the label's
+    values, domain counts after, matched preferences"""
+
+    def unpack(self) -> list[Solution]:
+        out = []
+        bounds = self.bounds.tolist()
+        for i, why in enumerate(self.whys):
+            lo, hi = bounds[i], bounds[i + 1]
+            explained = None
+            if why is not None:
+                kind, spread_by, values, domain_after, matched = why
+                explained = Why(
+                    kind,
+                    self.after[lo:hi],
+                    self.room[lo:hi],
+                    spread_by,
+                    self.codes[lo:hi] if spread_by is not None else None,
+                    values,
+                    domain_after,
+                    self.share[lo:hi] if kind == "binpack" else None,
+                    matched,
+                )
+            out.append(
+                Solution(
+                    self.ids,
+                    self.where[lo:hi],
+                    self.take[lo:hi],
+                    self.unplaced[i],
+                    self.reasons[i],
+                    explained,
+                )
+            )
+        return out
+
+
+def pack(ids: list[str], solutions: Sequence[Solution]) -> Packed:
+    sizes = [len(s.where) for s in solutions]
+    bounds = np.zeros(len(solutions) + 1, dtype=np.int64)
+    bounds[1:] = np.cumsum(sizes)
+
+    def flat(parts: list[npt.NDArray[Any]], dtype: type) -> npt.NDArray[Any]:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+    whys = [s.explained for s in solutions]
+
+    def part(why: Why | None, n: int, name: str, fill: float) -> npt.NDArray[Any]:
+        value = getattr(why, name, None) if why is not None else None
+        return np.asarray(value) if value is not None else np.full(n, fill)
+
+    def column(name: str, fill: float, dtype: type) -> npt.NDArray[Any]:
+        return flat([part(w, n, name, fill) for w, n in zip(whys, sizes, strict=True)], dtype)
+
+    return Packed(
+        ids=ids,
+        bounds=bounds,
+        where=flat([s.where for s in solutions], np.intp),
+        take=flat([s.take for s in solutions], np.int64),
+        after=column("after", 0, np.int64),
+        room=column("room", 0, np.int64),
+        codes=column("codes", -1, np.int32),
+        share=column("share", 0.0, np.float64),
+        unplaced=[s.unplaced for s in solutions],
+        reasons=[s.reason for s in solutions],
+        whys=[
+            None if w is None else (w.kind, w.spread_by, w.values, w.domain_after, w.matched)
+            for w in whys
+        ],
+    )
+
+
+def solve_shard(table: NodeTable, classes: list[ClassRequest]) -> Packed:
+    """What each Ray task runs: the one-process solver on its own nodes, packed. Ray hands
+    arrays over read-only (zero copy): the ones placing writes to are copied first."""
+    table.allocated = table.allocated.copy()
+    table.totals = table.totals.copy()
+    return pack(table.ids, solve_batch(classes, table))
+
+
+def merge(
+    table: NodeTable,
+    classes: Sequence[ClassRequest],
+    shards: Sequence[Shard],
+    answers: Sequence[Packed],
+) -> list[Solution]:
+    """Commit the shards' placements into `table`, then place what they left over on every
+    node. Solutions come in the order of `classes`."""
+    pieces: list[list[Solution]] = [[] for _ in classes]
+    where_of: list[list[Index]] = [[] for _ in classes]
+    for shard, answer in zip(shards, answers, strict=True):
+        for owner, piece in zip(shard.owners, answer.unpack(), strict=True):
+            pieces[owner].append(piece)
+            where_of[owner].append(shard.rows[piece.where])
+    merged: list[Solution] = []
+    leftovers: list[ClassRequest] = []
+    owners: list[int] = []
+    for i, c in enumerate(classes):
+        parts = pieces[i]
+        if len(parts) == 1:
+            # a whole class: its reasons read the same with the whole table's positions
+            where, take = where_of[i][0], parts[0].take
+            missing = c.count - int(take.sum())
+            merged.append(Solution(table.ids, where, take, missing, "", parts[0].explained))
+        else:
+            where, take = np.concatenate(where_of[i]), np.concatenate([p.take for p in parts])
+            missing = c.count - int(take.sum())
+            merged.append(Solution(table.ids, where, take, missing, "", pieces=parts))
+        if missing:
+            leftovers.append(replace(c, count=missing, rotation=None))
+            owners.append(i)
+    _commit_all(table, classes, merged)
+    for i, fixed in zip(owners, solve_batch(leftovers, table), strict=True):
+        m = merged[i]
+        merged[i] = Solution(
+            table.ids,
+            np.concatenate([m.where, fixed.where]),
+            np.concatenate([m.take, fixed.take]),
+            fixed.unplaced,
+            _whole(fixed.reason, classes[i].count, fixed.unplaced),
+            pieces=[*(m.pieces or [_alone(m)]), fixed],
+        )
+    return merged
+
+
+def _commit_all(table: NodeTable, classes: Sequence[ClassRequest], merged: list[Solution]) -> None:
+    """Book every shard placement in the whole table at once (one scatter per resource)."""
+    if not merged:
+        return
+    where = np.concatenate([m.where for m in merged])
+    take = np.concatenate([m.take for m in merged])
+    owner = np.repeat(np.arange(len(merged)), [len(m.where) for m in merged])
+    for col, resource in enumerate(table.resources):
+        need = np.array([c.resources.get(resource, 0.0) for c in classes])
+        if need.any():
+            np.add.at(table.allocated[col], where, take * need[owner])
+    np.add.at(table.totals, where, take)
+    table.forget_sums()
+    for c, m in zip(classes, merged, strict=True):
+        if len(m.where):
+            found = table.placed.get(c.service)
+            table.placed[c.service] = (
+                (m.where, m.take)
+                if found is None
+                else (np.concatenate([found[0], m.where]), np.concatenate([found[1], m.take]))
+            )
+
+
+def _alone(solution: Solution) -> Solution:
+    return Solution(
+        solution.ids, solution.where, solution.take, 0, "", explained=solution.explained
+    )
+
+
+def _whole(reason: str, count: int, unplaced: int) -> str:
+    """The repair pass counts only the leftovers; say it of the whole class."""
+    if not reason:
+        return ""
+    _, _, tail = reason.partition(" replicas fit no node: ")
+    return f"{unplaced} of {count} replicas fit no node: {tail}" if tail else reason
+
+
+def shard_count(requested: int, cpus: int) -> int:
+    return requested if requested > 0 else max(1, cpus)
