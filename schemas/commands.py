@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from corral.schemas.envelope import TYPE_PREFIX as TYPE_PREFIX
+from corral.schemas.rules import Rule, RuleDelete
+from corral.schemas.runs import RUN_COMMANDS
 from corral.schemas.spec import MAX_REPLICAS, ServiceSpec
-
-TYPE_PREFIX = "io.corral."
-
 
 MAX_PREFER_REMOVE = 256
 """how many replica ids a scale command may name as the first to go"""
@@ -53,7 +53,9 @@ class PromoteCommand(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# resource -> verb -> the model its data must validate against
+# resource -> verb -> the model its data must validate against: every command on the bus,
+# whichever worker applies it (OWNERS), so that the gateway validates each one and
+# `corral schema export` covers them all
 COMMANDS: dict[str, dict[str, type[BaseModel]]] = {
     "service": {
         "deploy": ServiceSpec,
@@ -62,6 +64,8 @@ COMMANDS: dict[str, dict[str, type[BaseModel]]] = {
         "rollback": RollbackCommand,
         "promote": PromoteCommand,
     },
+    **RUN_COMMANDS,
+    "rule": {"apply": Rule, "delete": RuleDelete},
 }
 
 

@@ -10,6 +10,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SPECVERSION = "1.0"
+TYPE_PREFIX = "io.corral."
+"""the CloudEvents types Corral owns: `io.corral.<resource>.<verb>`, `io.corral.<kind>.<what>`"""
 _SPACE = re.compile(r"\s")
 
 

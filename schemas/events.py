@@ -7,7 +7,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from corral.schemas.commands import TYPE_PREFIX
+from corral.schemas.envelope import TYPE_PREFIX
 
 
 class EventData(BaseModel):

@@ -270,6 +270,8 @@ def instance_name(job: str, index: int, total: int) -> str:
 
 
 _SAFE = re.compile(r"[^a-z0-9-]")
+RUN_ID = r"^[a-z0-9][a-z0-9-]{0,79}$"
+"""what `run_id_for` makes (a pipeline's name is a DNS label, so a run id starts with one)"""
 
 
 def run_id_for(pipeline: str, suffix: str) -> str:

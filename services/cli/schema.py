@@ -23,13 +23,12 @@ from corral.schemas.events import (
 from corral.schemas.pipeline import PipelineSpec
 from corral.schemas.rules import (
     Rule,
-    RuleDelete,
     RuleFailed,
     RuleFired,
     RuleNotification,
     RuleSkipped,
 )
-from corral.schemas.runs import RUN_COMMANDS, JobEvent, JobReport, RunEvent
+from corral.schemas.runs import JobEvent, JobReport, RunEvent
 from corral.schemas.spec import ServiceSpec
 
 
@@ -38,7 +37,7 @@ def catalogue() -> dict[str, type[BaseModel]]:
         "spec.service": ServiceSpec,
         "envelope.cloudevent": CloudEvent,
     }
-    for resource, verbs in COMMANDS.items():
+    for resource, verbs in COMMANDS.items():  # every command, whichever worker owns it
         for verb, model in verbs.items():
             models[command_type(resource, verb)] = model
     for what in ("accepted",):
@@ -52,15 +51,10 @@ def catalogue() -> dict[str, type[BaseModel]]:
     models[event_type("autoscale", "cold_start")] = ColdStartEvent
     models["metrics.sample"] = MetricSample
     models["spec.pipeline"] = PipelineSpec
-    for resource, verbs in RUN_COMMANDS.items():
-        for verb, model in verbs.items():
-            models[command_type(resource, verb)] = model
     for what in ("started", "succeeded", "failed", "cancelled", "approval_needed"):
         models[event_type("run", what)] = RunEvent
     models[event_type("job", "finished")] = JobReport
     models["spec.rule"] = Rule
-    models[command_type("rule", "apply")] = Rule
-    models[command_type("rule", "delete")] = RuleDelete
     models[event_type("rule", "fired")] = RuleFired
     models[event_type("rule", "skipped")] = RuleSkipped
     models[event_type("rule", "failed")] = RuleFailed

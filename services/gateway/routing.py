@@ -25,7 +25,10 @@ from pydantic import ValidationError
 from corral.bus.names import Names
 from corral.schemas.commands import COMMANDS, TYPE_PREFIX
 from corral.schemas.envelope import CloudEvent
-from corral.schemas.errors import InvalidInput, field_errors_from_pydantic
+from corral.schemas.errors import FieldError, InvalidInput, field_errors_from_pydantic
+from corral.schemas.pipeline import RUN_ID, PipelineSpec
+from corral.schemas.rules import Rule
+from corral.schemas.runs import ApplyPipeline, RunPipeline
 from corral.schemas.spec import DNS_LABEL, ServiceSpec
 
 EXT = "ext"
@@ -34,6 +37,8 @@ TOKEN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:(//)?")
 _OTHER = re.compile(r"[^a-z0-9-]+")
 _SERVICE = re.compile(DNS_LABEL)
+_NAMES = {"run": (re.compile(RUN_ID), "a run id")}
+"""how a command's `subject` must look, by resource; a DNS label unless listed"""
 _FILTER_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 DEFAULT_FILTER = "evt.>"
 
@@ -82,10 +87,11 @@ def route(event: CloudEvent, names: Names) -> Route:
     if command is not None:
         resource, verb = command
         name = event.subject or ""
-        if not _SERVICE.match(name):
+        pattern, what = _NAMES.get(resource, (_SERVICE, "a DNS label"))
+        if not pattern.match(name):
             raise InvalidInput(
-                f"a {event.type} command needs `subject` set to the {resource}'s name (a DNS "
-                f"label), not {event.subject!r}"
+                f"a {event.type} command needs `subject` set to the {resource}'s name ({what}), "
+                f"not {event.subject!r}"
             )
         validate_command(resource, verb, name, event.data)
         return Route(names.cmd(resource, name, verb), command=True)
@@ -114,10 +120,41 @@ def validate_command(resource: str, verb: str, name: str, data: Any) -> None:
         if data["name"] != name:
             raise InvalidInput(f"spec name {data['name']!r} does not match the subject {name!r}")
     try:
-        model.model_validate(data)
+        parsed = model.model_validate(data)
     except ValidationError as exc:
         errors = field_errors_from_pydantic(exc)
         raise InvalidInput(f"invalid {resource}.{verb} data", errors) from exc
+    if isinstance(parsed, Rule) and parsed.name != name:
+        raise InvalidInput(
+            f"the subject names rule {name!r} but the rule is named {parsed.name!r}",
+            [FieldError("name", f"must be {name!r}, the CloudEvent's subject")],
+        )
+    if isinstance(parsed, RunPipeline | ApplyPipeline) and parsed.spec is not None:
+        _validate_pipeline(resource, verb, name, parsed.spec)
+
+
+def _validate_pipeline(resource: str, verb: str, name: str, spec: dict[str, Any]) -> None:
+    """The pipeline worker's own check of a spec sent with the command: every field, the DAG,
+    and the name the subject gives."""
+    try:
+        pipeline = PipelineSpec.model_validate(spec)
+    except ValidationError as exc:
+        errors = [
+            FieldError(f"spec.{e.loc}" if e.loc else "spec", e.msg)
+            for e in field_errors_from_pydantic(exc)
+        ]
+        raise InvalidInput(f"invalid {resource}.{verb} data: pipeline spec", errors) from exc
+    if pipeline.name != name:
+        raise InvalidInput(
+            f"the spec is named {pipeline.name!r}, but the subject names {name!r}",
+            [FieldError("spec.name", f"must be {name!r}, the CloudEvent's subject")],
+        )
+    for job_name, job in pipeline.jobs.items():
+        if isinstance(job.deploy, str):
+            raise InvalidInput(
+                f"job {job_name!r} deploys the file {job.deploy!r}: send the service spec itself",
+                [FieldError(f"spec.jobs.{job_name}.deploy", "must be a service spec, not a file")],
+            )
 
 
 def subject_filter(names: Names, text: str | None) -> str:

@@ -193,8 +193,13 @@ class JobRunner:
         finally:
             self.running.pop(key, None)
             running.done.set()
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(shutil.rmtree, self.workspace(job), True)
+            space = self.workspace(job)
+            try:
+                space.rmdir()  # one call for a job that left nothing behind
+            except OSError:
+                # not empty: a thread, as a big tree takes a while (it would hold the loop)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(shutil.rmtree, space, True)
 
     async def _attempt(self, running: _Running) -> None:
         job = running.job

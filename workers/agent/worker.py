@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import time
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -31,6 +32,22 @@ SHUTDOWN_GRACE_CAP = 10.0
 JITTER = 0.1
 """restart delays vary by up to this share either way, so replicas that crashed together do
 not all come back in the same instant"""
+HEARTBEATS_IN_FLIGHT = 3
+"""heartbeats awaiting their ack at once; past that a beat is skipped"""
+RECONCILES_IN_FLIGHT = 256
+"""replica reconciles under way at once in one process (shared by the agents it hosts)"""
+_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _slots() -> asyncio.Semaphore:
+    """This event loop's reconcile slots (a semaphore belongs to one loop)."""
+    loop = asyncio.get_running_loop()
+    slots = _SLOTS.get(loop)
+    if slots is None:
+        slots = _SLOTS[loop] = asyncio.Semaphore(RECONCILES_IN_FLIGHT)
+    return slots
 
 
 @dataclass
@@ -185,12 +202,19 @@ class AgentWorker:
             self._wake.clear()
             batch, self._dirty = self._dirty, set()
             results = await asyncio.gather(
-                *(self._reconcile(replica) for replica in batch), return_exceptions=True
+                *(self._reconcile_in_turn(replica) for replica in batch), return_exceptions=True
             )
             for replica, result in zip(batch, results, strict=True):
                 if isinstance(result, Exception):
                     log.error("%s: reconcile %s failed: %r", self.node_id, replica, result)
                     self._mark_later(replica, 1.0)
+
+    async def _reconcile_in_turn(self, replica: str) -> None:
+        """Reconcile with at most RECONCILES_IN_FLIGHT under way in this process: 100,000
+        replicas assigned at once otherwise queue 200,000 writes on one connection, their acks
+        come back after the request timeout, and the retries make it worse."""
+        async with _slots():
+            await self._reconcile(replica)
 
     async def _heartbeat_once(self) -> None:
         status = NodeStatus(
@@ -205,11 +229,27 @@ class AgentWorker:
         await self.bus.buckets.nodes.put(self.node_id, status)
 
     async def _heartbeat(self) -> None:
-        while await self.loops.sleep(self.ctx.settings.heartbeat_interval):
-            try:
-                await self._heartbeat_once()
-            except Exception as exc:
-                log.warning("%s: heartbeat failed: %s", self.node_id, exc)
+        """One heartbeat per interval, each in its own task: on a busy bus an ack can take
+        seconds, and waiting for it before the next beat stretched the period past the grace,
+        so live nodes were declared lost (a few beats may be in flight; the newest wins)."""
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while await self.loops.sleep(self.ctx.settings.heartbeat_interval):
+                if len(in_flight) >= HEARTBEATS_IN_FLIGHT:
+                    continue
+                task = asyncio.create_task(self._beat(), name=f"heartbeat:{self.node_id}")
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        finally:
+            for task in list(in_flight):
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _beat(self) -> None:
+        try:
+            await self._heartbeat_once()
+        except Exception as exc:
+            log.warning("%s: heartbeat failed: %s", self.node_id, exc)
 
     async def _report_usage(self) -> None:
         """Every replica's cpu (cores) and memory (bytes) on `<prefix>.metrics.<service>`,

@@ -8,7 +8,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from corral.schemas.commands import COMMANDS, RollbackCommand, ScaleCommand, command_type
+from corral.schemas.commands import (
+    COMMANDS,
+    OWNERS,
+    RollbackCommand,
+    ScaleCommand,
+    command_type,
+)
 from corral.schemas.envelope import CloudEvent
 from corral.schemas.errors import (
     InvalidInput,
@@ -44,9 +50,11 @@ class Outcome:
 
 
 def parse_command(resource: str, name: str, verb: str, event: CloudEvent) -> Command:
-    verbs = COMMANDS.get(resource)
+    # COMMANDS lists every command on the bus; this worker applies only its own resources
+    ours = sorted(r for r in COMMANDS if OWNERS.get(r) == "api")
+    verbs = COMMANDS.get(resource) if resource in ours else None
     if verbs is None:
-        raise UnknownCommand(f"unknown resource {resource!r}; known: {', '.join(sorted(COMMANDS))}")
+        raise UnknownCommand(f"unknown resource {resource!r}; known: {', '.join(ours)}")
     model = verbs.get(verb)
     if model is None:
         raise UnknownCommand(

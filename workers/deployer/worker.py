@@ -36,7 +36,9 @@ from corral.workers.deployer.planning import Plan, new_replica_ids, plan
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
-RECONCILE_AT_ONCE = 32
+RECONCILE_AT_ONCE = 128
+LIVE_CACHE = 0.1
+"""seconds a computed set of live nodes is reused (a new or returning node resets it)"""
 """services reconciled concurrently (each one's own steps stay in order)"""
 
 
@@ -62,6 +64,11 @@ class DeployerWorker:
         self._lost: set[str] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._announced: dict[str, tuple[int, str]] = {}
+        self._node_shapes: dict[str, tuple[object, ...]] = {}
+        """node id -> what placement reads of it, to tell a heartbeat from a change"""
+        self._pending_marked_at = 0.0
+        self._live: tuple[float, set[str]] | None = None
+        """the live nodes as last computed (loop time, ids), reused for LIVE_CACHE seconds"""
         self.services.listen(lambda key, _: self.mark(key))
         self.assignments.listen(self._on_assignment)
         self.replicas_by_service: dict[str, dict[str, ReplicaStatus]] = defaultdict(dict)
@@ -153,7 +160,23 @@ class DeployerWorker:
             self.mark(name)
 
     def _on_node(self, key: str, item: Versioned[NodeStatus] | None) -> None:
-        # a node that joins (or changes) may fit replicas that were pending
+        # a node that joins, changes or comes back may fit replicas that were pending; a
+        # plain heartbeat retries them at most once per heartbeat interval (with 1,000 nodes,
+        # looking at every service on every heartbeat cost a core)
+        if item is None:
+            self._node_shapes.pop(key, None)
+            self._live = None
+            return
+        n = item.value
+        shape = (n.labels, n.capacity, n.drivers, n.draining)
+        changed = self._node_shapes.get(key) != shape or key in self._lost
+        self._node_shapes[key] = shape
+        if changed or (self._live is not None and key not in self._live[1]):
+            self._live = None
+        now = asyncio.get_running_loop().time()
+        if not changed and now - self._pending_marked_at < self.ctx.settings.heartbeat_interval:
+            return
+        self._pending_marked_at = now
         for status in self.status.values():
             if status.pending:
                 self.mark(status.name)
@@ -218,11 +241,16 @@ class DeployerWorker:
             and rollout.from_revision > 0
             and rollout.state in (RolloutState.PROGRESSING, RolloutState.PAUSED)
         )
+        live = self._live_nodes()
+        if live is not None:
+            suspects = {a.node for a in current if a.node not in live and not a.draining}
+            if suspects:
+                live = live | await self._still_alive(suspects)
         the_plan = plan(
             record_for_plan,
             current,
             statuses,
-            self._live_nodes(),
+            live,
             now=now,
             rollout_started=rollout.started_at if under_way and rollout is not None else None,
             check_deadline=progressing,
@@ -246,10 +274,38 @@ class DeployerWorker:
         grace = self.ctx.settings.node_grace
         if self._leading_since is None:
             return None
-        if asyncio.get_running_loop().time() - self._leading_since < grace:
+        clock = asyncio.get_running_loop().time()
+        if clock - self._leading_since < grace:
             return None
+        if self._live is not None and clock - self._live[0] < LIVE_CACHE:
+            return self._live[1]
         now = utcnow()
-        return {n.id for n in self.nodes.values() if is_alive(n, now, grace)}
+        live = {n.id for n in self.nodes.values() if is_alive(n, now, grace)}
+        self._live = (clock, live)
+        return live
+
+    async def _still_alive(self, suspects: set[str]) -> set[str]:
+        """Of nodes whose mirrored heartbeat is too old, those the bucket says are alive.
+
+        Replacing a node's replicas is drastic, and a mirror lags behind the bus when this
+        process is busy: the heartbeat in the bucket is read before anything is evicted.
+        """
+        grace = self.ctx.settings.node_grace
+        found = await asyncio.gather(
+            *(self.bus.buckets.nodes.get(node) for node in sorted(suspects)),
+            return_exceptions=True,
+        )
+        now = utcnow()
+        alive: set[str] = set()
+        for node, item in zip(sorted(suspects), found, strict=True):
+            if isinstance(item, BaseException):
+                raise item
+            if item is not None and is_alive(item.value, now, grace):
+                alive.add(node)
+                self.nodes.note_written(node, item.value, item.revision)
+        if alive:
+            self._live = None
+        return alive
 
     def _rollout(
         self, record: ServiceRecord | None, previous: ServiceStatus | None, now: datetime

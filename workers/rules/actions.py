@@ -51,6 +51,15 @@ def command_data(rule: str, rendered: Rendered) -> dict[str, Any]:
         known = ", ".join(sorted(OWNERS))
         raise TemplateFailure([FieldError("then.resource", f"unknown {resource!r}; use {known}")])
     data = dict(rendered.data)
+    if resource == "pipeline" and verb == "run":
+        data.setdefault("spec", None)
+        variables = data.get("variables") or {}
+        if not isinstance(variables, dict):
+            raise TemplateFailure([FieldError("then.data.variables", "must be a mapping")])
+        data["variables"] = {str(k): _text(v) for k, v in variables.items()}
+        data.setdefault("requested_by", requested_by(rule))
+    elif resource in ("pipeline", "run") and verb in ("cancel", "retry"):
+        data.setdefault("requested_by", requested_by(rule))
     models = COMMANDS.get(resource)
     if models is not None:
         model = models.get(verb)
@@ -66,16 +75,6 @@ def command_data(rule: str, rendered: Rendered) -> dict[str, Any]:
                     for e in field_errors_from_pydantic(exc)
                 ]
             ) from None
-        return data
-    if resource == "pipeline" and verb == "run":
-        data.setdefault("spec", None)
-        variables = data.get("variables") or {}
-        if not isinstance(variables, dict):
-            raise TemplateFailure([FieldError("then.data.variables", "must be a mapping")])
-        data["variables"] = {str(k): _text(v) for k, v in variables.items()}
-        data.setdefault("requested_by", requested_by(rule))
-    elif resource in ("pipeline", "run") and verb in ("cancel", "retry"):
-        data.setdefault("requested_by", requested_by(rule))
     return data
 
 
