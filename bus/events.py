@@ -3,6 +3,8 @@ its id, carrying the correlation id of the command that started the chain."""
 
 from __future__ import annotations
 
+import hashlib
+
 from pydantic import BaseModel
 
 from corral.bus.codec import encode
@@ -87,3 +89,17 @@ class Emitter:
             stream=self.bus.names.cmd_stream,
         )
         return event
+
+
+ACCEPTED = ".accepted"
+MAX_EVENT_ID = 256
+"""CloudEvents ids here are at most 256 characters (schemas.envelope.CloudEvent.id)"""
+
+
+def accepted_id(command_id: str) -> str:
+    """The id of a command's first `accepted` answer: the command's, plus `.accepted`, so that a
+    redelivered command's answer is deduplicated. A command id too long to take the suffix
+    within 256 characters is replaced by its SHA-256, so that the id still stays fixed."""
+    if len(command_id) + len(ACCEPTED) <= MAX_EVENT_ID:
+        return command_id + ACCEPTED
+    return hashlib.sha256(command_id.encode()).hexdigest() + ACCEPTED

@@ -37,10 +37,17 @@ def pipeline_host(
 
 
 async def send(
-    bus: Bus, resource: str, name: str, verb: str, data: dict[str, Any], *, within: float = 15
+    bus: Bus,
+    resource: str,
+    name: str,
+    verb: str,
+    data: dict[str, Any],
+    *,
+    within: float = 15,
+    command_id: str | None = None,
 ) -> tuple[bool, dict[str, Any]]:
-    """Publish a command; return (accepted, the answer's data)."""
-    command_id = uuid.uuid4().hex
+    """Publish a command (with a fresh id unless given); return (accepted, the answer's data)."""
+    command_id = command_id or uuid.uuid4().hex
     answers: list[tuple[str, dict[str, Any]]] = []
 
     async def on_msg(msg: Any) -> None:

@@ -434,3 +434,14 @@ async def test_two_copies_of_the_worker_run_each_job_once(settings, bus) -> None
         assert run.state == RunState.SUCCEEDED
         assert all(job.attempt == 1 for job in run.jobs.values())
     assert dispatched == 3 * 16, "each job was dispatched once"
+
+
+async def test_a_command_with_the_longest_id_allowed_is_answered(settings, bus) -> None:
+    """The answer's id is the command's plus `.accepted`; a 256-character command id must
+    still give a valid answer, not a batch redelivered until JetStream gives up."""
+    spec = {"name": "longid", "jobs": {"only": {"command": ["true"]}}}
+    async with pipeline_host(settings):
+        accepted, answer = await send(
+            bus, "pipeline", "longid", "apply", {"spec": spec}, command_id="y" * 256
+        )
+    assert accepted, answer

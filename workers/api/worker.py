@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine
@@ -29,6 +28,7 @@ from nats.js.api import ConsumerConfig
 
 from corral.bus.codec import decode, encode
 from corral.bus.edge import CommandEdge, headers_of
+from corral.bus.events import accepted_id
 from corral.bus.lifecycle import Loops
 from corral.bus.publishing import Pipeline
 from corral.bus.pulling import Puller
@@ -51,8 +51,6 @@ batch of 256 takes about 40 ms of CPU and its writes and events about as long ag
 70 ms on a busy machine, so four keep the worker busy with some slack"""
 STOP_WITHIN = 5.0
 """how long stopping waits for the batches under way"""
-ACCEPTED = ".accepted"
-MAX_EVENT_ID = 256
 """CloudEvents ids here are at most 256 characters (`corral.schemas.envelope.CloudEvent`)"""
 Group = list[tuple[Msg, Command]]
 
@@ -364,11 +362,3 @@ class ApiWorker:
             event_id=None if result.duplicate else accepted_id(command.id),
         )
 
-
-def accepted_id(command_id: str) -> str:
-    """The first answer's event id: the command's, plus `.accepted`. A command id too long to
-    take the suffix within CloudEvents' 256 characters is replaced by its SHA-256, so that the
-    id stays fixed (a redelivered command's answer is still deduplicated)."""
-    if len(command_id) + len(ACCEPTED) <= MAX_EVENT_ID:
-        return command_id + ACCEPTED
-    return hashlib.sha256(command_id.encode()).hexdigest() + ACCEPTED

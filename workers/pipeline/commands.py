@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from corral.bus.codec import CORRELATION, decode
 from corral.bus.edge import headers_of
+from corral.bus.events import accepted_id
 from corral.schemas.envelope import CloudEvent, utcnow
 from corral.schemas.errors import (
     ConflictError,
@@ -109,7 +110,7 @@ class Commands:
             "accepted",
             data,
             correlation=event.id,
-            event_id=f"{event.id}.accepted",
+            event_id=accepted_id(event.id),
         )
 
     # pipeline commands ---------------------------------------------------------------------

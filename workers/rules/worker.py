@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from corral.bus.codec import decode, encode
 from corral.bus.edge import CommandEdge, deliveries, headers_of
+from corral.bus.events import accepted_id
 from corral.bus.lifecycle import Loops
 from corral.bus.store import Mirror
 from corral.schemas.commands import command_type
@@ -228,7 +229,7 @@ class RulesWorker:
             "accepted",
             data,
             correlation=command.id,
-            event_id=None if duplicate else f"{command.id}.accepted",
+            event_id=None if duplicate else accepted_id(command.id),
         )
 
     # events -------------------------------------------------------------------------------
