@@ -105,7 +105,7 @@ async def _publish(gw: Gateway, event: CloudEvent, where: Route) -> Published:
     response_model=PublishedEvent | PublishedEvents,
 )
 async def cloudevents(
-    request: Request, _: Annotated[Principal, Depends(require(Scope.DEPLOY))]
+    request: Request, principal: Annotated[Principal, Depends(require(Scope.DEPLOY))]
 ) -> Any:
     gw = gateway(request)
     body = await request.body()
@@ -115,6 +115,17 @@ async def cloudevents(
         routes = [route(event, gw.bus.names) for event in events]
     except InvalidInput as exc:
         raise ApiError.invalid(exc) from None
+    for event, where in zip(events, routes, strict=True):
+        if not principal.allows(where.scope):  # nothing of the batch is published
+            raise ApiError(
+                403,
+                f"token {principal.name!r} has scope {principal.scope.label}; {event.type} "
+                f"needs {where.scope.label}",
+                headers={
+                    "WWW-Authenticate": f'Bearer error="insufficient_scope" '
+                    f'scope="{where.scope.label}"'
+                },
+            )
     published = [await _publish(gw, e, r) for e, r in zip(events, routes, strict=True)]
     results = [PublishedEvent(id=p.id, subject=p.subject, duplicate=p.duplicate) for p in published]
     if media == BATCH:

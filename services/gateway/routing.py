@@ -30,6 +30,7 @@ from corral.schemas.pipeline import RUN_ID, PipelineSpec
 from corral.schemas.rules import Rule
 from corral.schemas.runs import ApplyPipeline, RunPipeline
 from corral.schemas.spec import DNS_LABEL, ServiceSpec
+from corral.services.gateway.auth import Scope
 
 EXT = "ext"
 MAX_TOKEN = 64
@@ -64,11 +65,21 @@ def ext_subject(names: Names, source: str, kind: str) -> str:
     return names.evt(EXT, source, kind)
 
 
+ADMIN_COMMANDS = frozenset(
+    {("service", "delete"), ("rule", "apply"), ("rule", "delete"), ("run", "approve")}
+)
+"""commands that need the admin scope through the gateway, as `DELETE /v1/services/{name}`
+does: removing a service, changing automation, and approving a job (the approver named in the
+data is taken on the token's word, so only an admin token may name one)"""
+
+
 @dataclass(frozen=True)
 class Route:
     subject: str
     command: bool
     """a command for the api worker (the command stream), or an event (the events stream)"""
+    scope: Scope = Scope.DEPLOY
+    """the scope a token needs to send it"""
 
 
 def command_of(event_type: str) -> tuple[str, str] | None:
@@ -94,7 +105,8 @@ def route(event: CloudEvent, names: Names) -> Route:
                 f"not {event.subject!r}"
             )
         validate_command(resource, verb, name, event.data)
-        return Route(names.cmd(resource, name, verb), command=True)
+        scope = Scope.ADMIN if (resource, verb) in ADMIN_COMMANDS else Scope.DEPLOY
+        return Route(names.cmd(resource, name, verb), command=True, scope=scope)
     if event.type.startswith(TYPE_PREFIX):
         known = ", ".join(
             f"{TYPE_PREFIX}{resource}.{verb}"

@@ -197,6 +197,52 @@ async def test_auth(settings, bus, api) -> None:
         assert (await local.client.get("/v1/services")).status_code == 200
 
 
+async def test_cloudevents_that_delete_or_approve_need_admin(settings, bus, api) -> None:
+    """The same scopes as the REST routes: deleting a service, changing rules and approving a
+    job need admin, even as a CloudEvent; a refused batch publishes none of its events."""
+    published = await record(bus, bus.names.cmd("*", "*", "*"))
+    try:
+
+        def event(kind: str, subject: str, data: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "specversion": "1.0",
+                "id": uuid.uuid4().hex,
+                "source": "test",
+                "type": f"io.corral.{kind}",
+                "subject": subject,
+                "data": data,
+            }
+
+        delete = event("service.delete", "web", {})
+        approve = event("run.approve", "ci-1", {"job": "ship", "user": "ann", "roles": []})
+        scale = event("service.scale", "web", {"replicas": 2})
+        batch = "application/cloudevents-batch+json"
+        for refused in (delete, approve):
+            response = await api.client.post(
+                "/v1/cloudevents",
+                content=json.dumps(refused),
+                headers={**auth(DEPLOY), "content-type": "application/cloudevents+json"},
+            )
+            assert response.status_code == 403, response.text
+            assert "needs admin" in response.json()["error"]["message"]
+        mixed = await api.client.post(
+            "/v1/cloudevents",
+            content=json.dumps([scale, delete]),
+            headers={**auth(DEPLOY), "content-type": batch},
+        )
+        assert mixed.status_code == 403
+        allowed = await api.client.post(
+            "/v1/cloudevents",
+            content=json.dumps([scale, delete]),
+            headers={**auth(ADMIN), "content-type": batch},
+        )
+        assert allowed.status_code == 202, allowed.text
+        await eventually(lambda: len(published.ids()) == 2)
+        assert sorted(published.ids()) == sorted([scale["id"], delete["id"]])
+    finally:
+        await published.close()
+
+
 async def test_body_and_rate_limits(settings, bus) -> None:
     async with running_gateway(
         settings, bus, gateway_max_body=1024, gateway_rate_limit=0.5, gateway_rate_burst=2
