@@ -63,6 +63,12 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 def parse_duration(value: str | float | int) -> float:
     """Seconds as a float; accepts 2.5, "500ms", "5s", "5m", "1h" and "1m30s"."""
+    kind = type(value)
+    if kind is float or kind is int:  # the common case, first: every template decode runs it
+        number = float(value)
+        if not math.isfinite(number) or number < 0:
+            raise ValueError("a duration must be a finite, non-negative number of seconds")
+        return number
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a text such as 5s, 500ms, 5m")
     if isinstance(value, int | float):

@@ -34,7 +34,7 @@ JITTER = 0.1
 not all come back in the same instant"""
 HEARTBEATS_IN_FLIGHT = 3
 """heartbeats awaiting their ack at once; past that a beat is skipped"""
-RECONCILES_IN_FLIGHT = 256
+RECONCILES_IN_FLIGHT = 2048
 """replica reconciles under way at once in one process (shared by the agents it hosts)"""
 _SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary()

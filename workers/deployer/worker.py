@@ -36,10 +36,12 @@ from corral.workers.deployer.planning import Plan, new_replica_ids, plan
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
-RECONCILE_AT_ONCE = 128
+RECONCILE_AT_ONCE = 32
+"""services reconciled concurrently (each one's own steps stay in order)"""
+WRITES_IN_FLIGHT = 1024
+"""assignment creates awaiting their ack at once"""
 LIVE_CACHE = 0.1
 """seconds a computed set of live nodes is reused (a new or returning node resets it)"""
-"""services reconciled concurrently (each one's own steps stay in order)"""
 
 
 class DeployerWorker:
@@ -64,6 +66,7 @@ class DeployerWorker:
         self._lost: set[str] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._announced: dict[str, tuple[int, str]] = {}
+        self._writes = asyncio.Semaphore(WRITES_IN_FLIGHT)
         self._node_shapes: dict[str, tuple[object, ...]] = {}
         """node id -> what placement reads of it, to tell a heartbeat from a change"""
         self._pending_marked_at = 0.0
@@ -431,7 +434,7 @@ class DeployerWorker:
             )
             key = f"{placed.node}.{placed.replica}"
             made.append((key, assignment))
-            writes.append(self.bus.buckets.assignments.create(key, assignment))
+            writes.append(self._create(key, assignment))
         results = await asyncio.gather(*writes, return_exceptions=True)
         for (key, assignment), result in zip(made, results, strict=True):
             if isinstance(result, int):
@@ -441,6 +444,13 @@ class DeployerWorker:
                 log.warning("could not write assignment %s: %s", key, result)
                 self.mark(spec.name)
         return len(reply.unplaced), reply.reason
+
+    async def _create(self, key: str, assignment: Assignment) -> int:
+        """Write one new assignment, at most WRITES_IN_FLIGHT at once: a write that times out
+        under a flood may still have landed, and its service is then planned again on a view
+        that lacks it (the surplus is drained later: churn that a bounded flood avoids)."""
+        async with self._writes:
+            return await self.bus.buckets.assignments.create(key, assignment)
 
     async def _report(
         self,
