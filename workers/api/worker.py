@@ -68,7 +68,7 @@ class Sorted:
 class ApiWorker:
     name = "api"
 
-    def __init__(self, ctx: Context, *, batch_size: int = 256) -> None:
+    def __init__(self, ctx: Context, *, batch_size: int = 1024) -> None:
         self.ctx = ctx
         self.bus = ctx.bus
         self.emitter = ctx.emitter("api")
