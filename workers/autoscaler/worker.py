@@ -39,6 +39,10 @@ from corral.workers.autoscaler.sources import (
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
+SETTLE_DELAYS = (0.02, 0.1, 0.5)
+"""after a message on an activation stream's subjects, how long to wait before each re-read
+of a backlog that was not there yet (the stream stores the message a moment after core NATS
+delivers it)"""
 RECENT = 20
 """decisions kept per service in `corral-autoscale`"""
 QUIET = 60.0
@@ -260,7 +264,7 @@ class AutoscalerWorker:
             return  # another call got there during the await
 
         async def on_stream_message(msg: Msg) -> None:
-            self._read_backlog_soon(service)
+            self._read_backlog_soon(service, settle=True)
 
         subs = [
             await self.bus.nc.subscribe(subject, cb=on_stream_message)
@@ -269,25 +273,34 @@ class AutoscalerWorker:
         self._activations[service] = (key, subs)
         self._read_backlog_soon(service)  # a backlog may already be waiting
 
-    def _read_backlog_soon(self, service: str) -> None:
+    def _read_backlog_soon(self, service: str, *, settle: bool = False) -> None:
         """Read the activation backlog now; a read already under way reads again after, so a
-        burst of messages costs at most two reads at a time."""
+        burst of messages costs at most two reads at a time. `settle`: a message was just
+        seen on the stream's subjects, and the stream may store it a moment after core NATS
+        delivered it to us, so a read that finds no backlog looks again a few times, briefly."""
         if service in self._checking:
             self._checking[service] = True
             return
         self._checking[service] = False
-        task = asyncio.create_task(self._read_backlogs(service), name=f"autoscaler:wake:{service}")
+        task = asyncio.create_task(
+            self._read_backlogs(service, settle), name=f"autoscaler:wake:{service}"
+        )
         self._backlog_reads.add(task)
         task.add_done_callback(self._backlog_reads.discard)
 
-    async def _read_backlogs(self, service: str) -> None:
+    async def _read_backlogs(self, service: str, settle: bool) -> None:
         try:
+            delays = list(SETTLE_DELAYS) if settle else []
             while True:
-                if self.lease.held.is_set() and await self._read_activation(service):
+                woken = self.lease.held.is_set() and await self._read_activation(service)
+                if woken:
                     self.mark(service, "activation")
-                if not self._checking.get(service):
+                if self._checking.get(service):
+                    self._checking[service] = False
+                    continue
+                if woken or not delays or not self.loops.running:
                     return
-                self._checking[service] = False
+                await asyncio.sleep(delays.pop(0))
         finally:
             self._checking.pop(service, None)
 
