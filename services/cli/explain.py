@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from corral.bus.connection import Bus
+from corral.schemas.quantities import format_bytes
 from corral.services.cli import render
 from corral.services.cli.client import CliError
 
@@ -94,7 +95,14 @@ async def explain_view(bus: Bus, name: str) -> dict[str, Any]:
 
 
 def print_view(view: dict[str, Any]) -> None:
-    asks = ", ".join(f"{k}={v:g}" for k, v in view["resources"].items() if v) or "nothing"
+    asks = (
+        ", ".join(
+            f"{k}={format_bytes(v) if k == 'memory' else f'{v:g}'}"
+            for k, v in view["resources"].items()
+            if v
+        )
+        or "nothing"
+    )
     rules = ", ".join(f"{k}={v}" for k, v in view["placement"].items()) or "defaults (spread)"
     out.print(f"{view['name']}: {view['desired']} replicas, each asks {asks}; placement: {rules}")
     if view["replicas"]:
