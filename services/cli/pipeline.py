@@ -398,7 +398,9 @@ async def _print_logs(
                 if job is None:
                     err.print(
                         f"{prefix}(attempt {headers.get('corral-attempt')}: "
-                        f"{headers['corral-eof']})"
+                        f"{headers['corral-eof']})",
+                        markup=False,  # "[job]" is text here, not a rich tag
+                        highlight=False,
                     )
             elif msg.data:
                 for line in msg.data.decode(errors="replace").split("\n"):
