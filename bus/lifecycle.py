@@ -47,3 +47,11 @@ class Loops:
         _, pending = await asyncio.wait(tasks, timeout=within)
         for task in pending:
             log.error("%s: task %s did not stop within %.0fs", self.owner, task.get_name(), within)
+
+
+async def unsubscribe_quietly(sub: Any) -> None:
+    """Unsubscribe on the way out; a connection already closed or draining is not an error."""
+    try:
+        await sub.unsubscribe()
+    except Exception as exc:
+        log.debug("unsubscribe: %s", exc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -12,15 +11,10 @@ from rich.table import Table
 from corral.bus.connection import Bus
 from corral.services.cli import render
 from corral.services.cli.client import CliError
+from corral.services.cli.render import Output
 
 autoscale_app = typer.Typer(no_args_is_help=True, help="What the autoscaler decided, and why.")
 out = Console()
-
-
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-    yaml = "yaml"
 
 
 @autoscale_app.command("status")

@@ -4,7 +4,6 @@ deployer's service status (for the replicas no node could take)."""
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -15,14 +14,9 @@ from corral.bus.connection import Bus
 from corral.schemas.quantities import format_bytes
 from corral.services.cli import render
 from corral.services.cli.client import CliError
+from corral.services.cli.render import Output
 
 out = Console()
-
-
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-    yaml = "yaml"
 
 
 def explain(

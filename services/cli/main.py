@@ -8,7 +8,6 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -28,6 +27,7 @@ from corral.services.cli.autoscale import autoscale_app
 from corral.services.cli.explain import explain
 from corral.services.cli.pipeline import pipeline_app
 from corral.services.cli.rebalance import rebalance
+from corral.services.cli.render import Output
 from corral.services.cli.rules import rules_app
 from corral.services.cli.schema import export_schemas
 from corral.services.cli.sim import sim
@@ -57,12 +57,6 @@ app.add_typer(pipeline_app, name="pipeline")
 out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
-
-
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-    yaml = "yaml"
 
 
 OutputOpt = Annotated[Output, typer.Option("-o", "--output", help="table, json or yaml")]

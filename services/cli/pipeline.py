@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import getpass
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +19,7 @@ from corral.schemas.runs import RunRecord, RunState
 from corral.services.cli import render
 from corral.services.cli.client import CliError, send_command
 from corral.services.cli.pipeline_view import load_pipeline, print_run, run_view
+from corral.services.cli.render import Output
 from corral.workers.agent.artifacts import unpack
 
 pipeline_app = typer.Typer(
@@ -29,12 +29,6 @@ out = Console()
 err = Console(stderr=True)
 RUN_FAILED = 4
 """exit code of `run --wait` and `retry --wait` when the run failed or was cancelled"""
-
-
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-    yaml = "yaml"
 
 
 OutputOpt = Annotated[Output, typer.Option("-o", "--output", help="table, json or yaml")]

@@ -5,7 +5,6 @@ free nodes under binpack, computed by the scheduler's pure planner on the cluste
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
@@ -14,15 +13,10 @@ from rich.table import Table
 
 from corral.bus.connection import Bus
 from corral.services.cli import render
+from corral.services.cli.render import Output
 
 out = Console()
 err = Console(stderr=True)
-
-
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-    yaml = "yaml"
 
 
 def rebalance(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Any
 
 import yaml
@@ -11,6 +12,14 @@ from rich.table import Table
 
 from corral.schemas.envelope import CloudEvent
 from corral.schemas.quantities import format_bytes
+
+
+class Output(StrEnum):
+    """What every `-o` option offers."""
+
+    table = "table"
+    json = "json"
+    yaml = "yaml"
 
 
 def dump(data: Any, output: str, console: Console) -> None:

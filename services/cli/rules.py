@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,17 +18,12 @@ from corral.schemas.errors import FieldError, InvalidInput, field_errors_from_py
 from corral.schemas.rules import Rule
 from corral.services.cli import render
 from corral.services.cli.client import CliError, send_command
+from corral.services.cli.render import Output
 from corral.workers.rules.templating import check
 
 rules_app = typer.Typer(no_args_is_help=True, help="Automation rules: event -> command.")
 out = Console()
 err = Console(stderr=True)
-
-
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-    yaml = "yaml"
 
 
 def load_rules(path: str) -> list[Rule]:

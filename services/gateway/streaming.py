@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from nats.aio.msg import Msg
 
 from corral.bus.codec import decode, structured_body
+from corral.bus.lifecycle import unsubscribe_quietly
 from corral.schemas.envelope import CloudEvent
 from corral.schemas.errors import InvalidInput
 from corral.services.gateway.auth import Principal, Scope
@@ -76,10 +77,7 @@ async def _events(gw: Gateway, subject: str, type_glob: str | None) -> AsyncIter
         gw.metrics.streams.dec()
         # a client that went away cancels this generator; the unsubscribe must still happen
         with anyio.CancelScope(shield=True):
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:
-                log.debug("unsubscribe: %s", exc)
+            await unsubscribe_quietly(sub)
 
 
 @router.get(

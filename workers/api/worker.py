@@ -29,7 +29,7 @@ from nats.js.api import ConsumerConfig
 from corral.bus.codec import decode, encode
 from corral.bus.edge import CommandEdge, headers_of
 from corral.bus.events import accepted_id
-from corral.bus.lifecycle import Loops
+from corral.bus.lifecycle import Loops, unsubscribe_quietly
 from corral.bus.publishing import Pipeline
 from corral.bus.pulling import Puller
 from corral.bus.store import Versioned
@@ -112,10 +112,7 @@ class ApiWorker:
             await self._puller.stop()
             self._puller = None
         if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception as exc:
-                log.debug("unsubscribe: %s", exc)
+            await unsubscribe_quietly(self._sub)
             self._sub = None
 
     async def _consume(self) -> None:

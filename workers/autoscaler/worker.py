@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from corral.bus.leases import Lease
-from corral.bus.lifecycle import Loops
+from corral.bus.lifecycle import Loops, unsubscribe_quietly
 from corral.bus.store import Mirror, Versioned
 from corral.schemas.autoscale import Autoscale, PrometheusMetric, PushMetric, QueueMetric
 from corral.schemas.commands import ScaleCommand
@@ -134,10 +134,7 @@ class AutoscalerWorker:
         self._sub = None
         self._activations.clear()
         for sub in subs:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:
-                log.debug("unsubscribe: %s", exc)
+            await unsubscribe_quietly(sub)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -234,10 +231,7 @@ class AutoscalerWorker:
         if current is not None:
             del self._activations[service]
             for sub in current[1]:
-                try:
-                    await sub.unsubscribe()
-                except Exception as exc:
-                    log.debug("unsubscribe: %s", exc)
+                await unsubscribe_quietly(sub)
         if activation is None or key is None:
             return
         if activation.subject is not None:

@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from corral.bus.codec import decode
 from corral.bus.edge import deliveries, headers_of
-from corral.bus.lifecycle import Loops
+from corral.bus.lifecycle import Loops, unsubscribe_quietly
 from corral.schemas.errors import InvalidInput
 from corral.workers.notifier.selection import DEFAULT_KINDS, notice, parse_kinds, subjects
 from corral.workers.notifier.throttle import Throttle, with_folded
@@ -167,10 +167,7 @@ class NotifierWorker:
     async def stop(self) -> None:
         await self.loops.stop()
         if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception as exc:
-                log.debug("unsubscribe: %s", exc)
+            await unsubscribe_quietly(self._sub)
             self._sub = None
         if isinstance(self.poster, HttpPoster):
             await self.poster.aclose()

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from corral.bus.codec import decode, encode
 from corral.bus.edge import CommandEdge, deliveries, headers_of
 from corral.bus.events import accepted_id
-from corral.bus.lifecycle import Loops
+from corral.bus.lifecycle import Loops, unsubscribe_quietly
 from corral.bus.store import Mirror
 from corral.schemas.commands import command_type
 from corral.schemas.envelope import CloudEvent, utcnow
@@ -109,10 +109,7 @@ class RulesWorker:
     async def stop(self) -> None:
         await self.loops.stop()
         for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:
-                log.debug("unsubscribe: %s", exc)
+            await unsubscribe_quietly(sub)
         self._subs = []
         await self.states.stop()
         await self.services.stop()
