@@ -153,7 +153,9 @@ class Plane:
         return record is not None and record.spec.replicas == 0
 
 
-async def reaction(plane: Plane, decisions: int) -> tuple[list[float], list[float], int]:
+async def reaction(
+    plane: Plane, decisions: int, smoothing: str = "off"
+) -> tuple[list[float], list[float], int]:
     """(to accepted, to running, misses): alternate 2 -> 4 -> 2 replicas by samples alone."""
     name = "react"
     await plane.deploy(
@@ -166,7 +168,10 @@ async def reaction(plane: Plane, decisions: int) -> tuple[list[float], list[floa
                 "min": 1,
                 "max": 8,
                 "metrics": [{"type": "metric", "name": "load", "target": 10}],
-                "behavior": {"scale_down": {"stabilization_window": 0}},
+                "behavior": {
+                    "scale_down": {"stabilization_window": 0},
+                    "smoothing": {"mode": smoothing},
+                },
             },
         },
     )
@@ -289,7 +294,9 @@ async def main(args: argparse.Namespace) -> int:
         for driver in args.drivers:
             say(f"reaction, {driver} driver: {args.decisions} decisions")
             async with Plane(url, root, driver) as plane:
-                found = await guarded(f"{driver} reaction", reaction(plane, args.decisions))
+                found = await guarded(
+                    f"{driver} reaction", reaction(plane, args.decisions, args.smoothing)
+                )
                 baseline = await round_trips(plane.bus, max(50, args.decisions))
                 if found is None:
                     problems += 1
@@ -361,6 +368,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--drivers", nargs="+", default=["fake", "process"], choices=["fake", "process"]
+    )
+    parser.add_argument(
+        "--smoothing",
+        choices=["off", "two_speed"],
+        default="off",
+        help="the reacting service's behavior.smoothing.mode",
     )
     return parser.parse_args(argv)
 

@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from corral.schemas.autoscale import Autoscale, PushMetric
+from corral.schemas.autoscale import Autoscale
 from corral.workers.autoscaler.policy import History, Inputs, Reading, evaluate
 
 DURATION = 1800
@@ -91,8 +91,14 @@ Decide = Callable[[int, list[float], Fleet], int | None]
 """(second, load so far, fleet) -> the new count, or None to leave it"""
 
 
-def corral() -> Decide:
-    policy = Autoscale(max=MAX, metrics=[PushMetric(type="metric", name="load", target=TARGET)])
+def corral(smoothing: str = "off") -> Decide:
+    policy = Autoscale.model_validate(
+        {
+            "max": MAX,
+            "metrics": [{"type": "metric", "name": "load", "target": TARGET}],
+            "behavior": {"smoothing": {"mode": smoothing}},
+        }
+    )
     assert policy.min == MIN
     state = {"history": History()}
 
@@ -229,13 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", help="a range such as 1-10: one summary line per trace, and the goals met"
     )
+    parser.add_argument(
+        "--smoothing",
+        choices=["off", "two_speed"],
+        default="off",
+        help="Corral's behavior.smoothing.mode (off, the default: every sample as it comes)",
+    )
     args = parser.parse_args(argv)
     if args.seeds:
         first, _, last = args.seeds.partition("-")
-        return summary(range(int(first), int(last or first) + 1))
+        return summary(range(int(first), int(last or first) + 1), args.smoothing)
     load = trace(args.seed)
     results = [
-        run("Corral (every 1 s sample)", corral(), load),
+        run(f"Corral (every 1 s sample; smoothing {args.smoothing})", corral(args.smoothing), load),
         run("HPA (15 s sync)", Hpa(), load),
         run("KEDA (30 s poll -> HPA)", Hpa(total=True, poll=30), load),
         run("Knative KPA (60 s / 6 s panic)", Kpa(), load),
@@ -259,14 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summary(seeds: range) -> int:
+def summary(seeds: range, smoothing: str = "off") -> int:
     print("| seed | Corral: replica-s / under s / changes | HPA | KEDA | KPA | cost vs HPA |")
     print("|---:|---|---|---|---|---:|")
     met = [0, 0, 0]
     for seed in seeds:
         load = trace(seed)
         mine, hpa, keda, kpa = (
-            run("", corral(), load),
+            run("", corral(smoothing), load),
             run("", Hpa(), load),
             run("", Hpa(total=True, poll=30), load),
             run("", Kpa(), load),

@@ -44,7 +44,7 @@ from corral.schemas.envelope import CloudEvent
 from corral.schemas.spec import Resources, ServiceSpec
 from corral.schemas.state import ReplicaState, ReplicaStatus
 from corral.services import runner
-from corral.services.runner import make_agent
+from corral.services.runner import make_agent, tune_gc
 from corral.workers.agent.worker import AgentWorker
 from corral.workers.api.worker import ApiWorker
 from corral.workers.deployer.worker import DeployerWorker
@@ -505,6 +505,7 @@ async def agents_child(url: str, prefix: str, first: int, last: int, data_dir: s
             chunk = agents[i : i + 25]
             await asyncio.gather(*(a.start() for a in chunk))
             started.extend(chunk)
+        tune_gc()  # as a `corral agent` process does once its agents run
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.read)  # returns at EOF: the parent is done
     finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import shutil
 import signal
@@ -34,17 +35,19 @@ from typing import Any
 
 import nats
 import numpy as np
+import psutil
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from corral.bus.codec import encode
 from corral.bus.connection import Bus
 from corral.bus.embedded import EmbeddedNats
 from corral.bus.settings import Settings
-from corral.bus.store import Mirror, Versioned
 from corral.schemas.commands import command_type
 from corral.schemas.envelope import CloudEvent
 from corral.schemas.spec import Affinity, Placement, Resources, ServiceSpec
-from corral.schemas.state import ReplicaState, ReplicaStatus
-from corral.services.runner import Host, make_agent
+from corral.schemas.state import ReplicaState
+from corral.services.runner import Host, make_agent, tune_gc
 from corral.workers.agent.worker import AgentWorker
 from corral.workers.api.worker import ApiWorker
 from corral.workers.deployer.worker import DeployerWorker
@@ -467,6 +470,7 @@ async def agents_child(url: str, prefix: str, first: str, last: str, data_dir: s
             chunk = agents[i : i + 25]
             await asyncio.gather(*(a.start() for a in chunk))
             started.extend(chunk)
+        tune_gc()  # as a `corral agent` process does once its agents run
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.read)  # returns at EOF: the parent is done
     finally:
@@ -523,20 +527,51 @@ class Children:
 
 
 class Running:
-    def __init__(self, total: int) -> None:
+    """Counts replicas whose status says running, from the status writes themselves: a core
+    NATS subscription on the bucket's subjects sees each write as the stream stores it. It
+    shares a process (and two cores) with the workers it measures, so it costs them as little
+    as it can: a byte search per write, where a KV watch with a decode cost ~80 us. The count is
+    checked against the bucket once the clock has stopped."""
+
+    RUNNING = b'"state":"running"'
+
+    def __init__(self, total: int, prefix: str) -> None:
         self.total = total
+        self.prefix = prefix
         self.keys: set[str] = set()
         self.done = asyncio.Event()
         self.at = 0.0
 
-    def on_replica(self, key: str, item: Versioned[ReplicaStatus] | None) -> None:
-        if item is not None and item.value.state == ReplicaState.RUNNING:
+    async def on_write(self, msg: Msg) -> None:
+        key = msg.subject[len(self.prefix) :]
+        deleted = msg.headers is not None and msg.headers.get("KV-Operation") in ("DEL", "PURGE")
+        if not deleted and self.RUNNING in msg.data:
             self.keys.add(key)
             if len(self.keys) >= self.total and not self.done.is_set():
                 self.at = time.perf_counter()
                 self.done.set()
         else:
             self.keys.discard(key)
+
+
+IDLE_SAMPLE = 5.0
+"""seconds the nodes idle, before the deploy, to measure what idling costs"""
+
+
+class CpuClock:
+    """CPU seconds that processes spend from now on (user + system)."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.pids = pids
+        self.procs = {who: [psutil.Process(pid) for pid in group] for who, group in pids.items()}
+        self.start = {who: self._now(group) for who, group in self.procs.items()}
+
+    @staticmethod
+    def _now(group: list[psutil.Process]) -> float:
+        return sum(float(t.user + t.system) for t in (p.cpu_times() for p in group))
+
+    def spent(self) -> dict[str, float]:
+        return {who: self._now(p) - self.start[who] for who, p in self.procs.items()}
 
 
 def deploy_command(names: Any, spec: ServiceSpec) -> tuple[str, dict[str, str], bytes]:
@@ -567,7 +602,7 @@ async def end_to_end(args: argparse.Namespace, report: Any, script: str) -> None
 
     host = Host(settings, build, name="bench-placement")
     nc = await nats.connect(url, name="bench-placement-client")
-    mirror: Mirror[ReplicaStatus] | None = None
+    watching: Subscription | None = None
     try:
         await host.__aenter__()
         t_boot = time.perf_counter()
@@ -579,10 +614,9 @@ async def end_to_end(args: argparse.Namespace, report: Any, script: str) -> None
                 raise RuntimeError(f"only {len(schedulers[0].nodes.items)} nodes seen")
             await asyncio.sleep(0.05)
         say(f"e2e: {nodes} fake nodes up in {time.perf_counter() - t_boot:.1f}s")
-        watch = Running(total)
-        mirror = Mirror(host.ctx.bus.buckets.replicas)
-        mirror.listen(watch.on_replica)
-        await mirror.start()
+        replicas = host.ctx.bus.buckets.replicas
+        watch = Running(total, replicas.kv._pre)
+        watching = await nc.subscribe(replicas.kv._pre + ">", cb=watch.on_write)
         names = host.ctx.bus.names
         commands = [
             deploy_command(
@@ -599,6 +633,21 @@ async def end_to_end(args: argparse.Namespace, report: Any, script: str) -> None
         ]
         js = nc.jetstream()
         say(f"e2e: deploying {services} x {per} = {total:,} replicas on {nodes} nodes ...")
+        assert server.process is not None
+        cpu = CpuClock(
+            {
+                "workers (api, scheduler, deployer) and this bench": [os.getpid()],
+                "fake agents": [proc.pid for proc in children.procs],
+                "nats-server": [server.process.pid],
+            }
+        )
+        # what 1,000 idle nodes cost each second (heartbeats, and the watches that read them):
+        # the same-run baseline that the deploy's CPU is read against
+        idle_start = time.perf_counter()
+        await asyncio.sleep(IDLE_SAMPLE)
+        idle = cpu.spent()
+        idle_seconds = time.perf_counter() - idle_start
+        cpu = CpuClock(cpu.pids)
         t0 = time.perf_counter()
         for subject, headers, payload in commands:
             await js.publish_async(subject, payload, headers=dict(headers), stream=names.cmd_stream)
@@ -609,10 +658,15 @@ async def end_to_end(args: argparse.Namespace, report: Any, script: str) -> None
                 await asyncio.wait_for(watch.done.wait(), 2.0)
             say(f"  t={time.perf_counter() - t0:5.1f}s running {len(watch.keys):,}/{total:,}")
         took = (watch.at if watch.done.is_set() else time.perf_counter()) - t0
+        spent = cpu.spent()
         per_node: Counter[str] = Counter()
-        if watch.done.is_set():  # an overloaded bus would make this read take minutes
+        if watch.done.is_set():  # an overloaded bus would make these reads take minutes
             raw = await asyncio.wait_for(host.ctx.bus.buckets.assignments.items(), 60)
             per_node = Counter(v.value.node for v in raw.values())
+            statuses = await asyncio.wait_for(replicas.items(), 60)
+            stored = sum(1 for v in statuses.values() if v.value.state == ReplicaState.RUNNING)
+            if stored < total:
+                raise RuntimeError(f"the count saw {total:,} running, the bucket has {stored:,}")
         conflicts = sum(s.conflicts for s in schedulers)
         done = watch.done.is_set()
         report.rows.append(
@@ -632,9 +686,21 @@ async def end_to_end(args: argparse.Namespace, report: Any, script: str) -> None
             else ""
         )
         report.notes.append(f"e2e: {spread}{conflicts} ledger conflicts re-planned")
+        beyond = {who: spent[who] - idle[who] / idle_seconds * took for who in spent}
+        report.notes.append(
+            "e2e CPU seconds from the first command to the end (the machine's load does not "
+            "inflate these): "
+            + "; ".join(f"{who} {seconds:.1f} s" for who, seconds in spent.items())
+            + f". Idle {nodes:,} nodes cost "
+            + ", ".join(f"{idle[who] / idle_seconds:.2f}" for who in spent)
+            + f" s/s (sampled for {idle_seconds:.1f} s before); beyond that, the deploy cost "
+            + ", ".join(f"{seconds:.1f}" for seconds in beyond.values())
+            + f" s: {1e6 * sum(beyond.values()) / max(len(watch.keys), 1):.0f} us of CPU per "
+            "running replica"
+        )
     finally:
-        if mirror is not None:
-            await mirror.stop()
+        if watching is not None:
+            await watching.unsubscribe()
         await children.stop()
         await host.__aexit__(None, None, None)
         await nc.drain()

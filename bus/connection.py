@@ -21,6 +21,7 @@ from nats.js.kv import KeyValue
 
 from corral.bus import client
 from corral.bus.names import Names
+from corral.bus.publishing import Acks
 from corral.bus.settings import Settings
 from corral.bus.store import Bucket
 from corral.schemas.rules import RuleRecord, RuleState
@@ -66,6 +67,8 @@ class Bus:
         self.names = Names(settings.prefix)
         self._buckets: Buckets | None = None
         self._owns_connection = True
+        self.acks = Acks(nc)
+        """the cheaper path for single JetStream publishes (KV writes, events)"""
 
     @classmethod
     async def connect(cls, settings: Settings, *, name: str = "corral") -> Bus:
@@ -97,6 +100,7 @@ class Bus:
         return self._buckets
 
     async def close(self) -> None:
+        await self.acks.stop()
         if self._owns_connection and not self.nc.is_closed:
             await self.nc.drain()
 
@@ -104,6 +108,8 @@ class Bus:
         """Ensure every stream and bucket exists. Safe to run from every worker at once."""
         n = self.names
         window = self.settings.duplicate_window
+        if not self.acks.started:
+            await self.acks.start()
         # (name, subjects, kept for, most messages, dedupe window)
         streams = [
             (n.cmd_stream, [n.all_cmd], 7 * DAY, 1_000_000, window),
@@ -138,17 +144,17 @@ class Bus:
             self._bucket(n.rules, history=5), self._bucket(n.rule_state)
         )
         self._buckets = Buckets(
-            services=Bucket(kvs[0], ServiceRecord),
-            service_status=Bucket(kvs[1], ServiceStatus),
-            assignments=Bucket(kvs[2], Assignment),
-            replicas=Bucket(kvs[3], ReplicaStatus),
-            nodes=Bucket(kvs[4], NodeStatus),
-            health=Bucket(kvs[6], ServiceHealth),
+            services=Bucket(kvs[0], ServiceRecord, self.acks),
+            service_status=Bucket(kvs[1], ServiceStatus, self.acks),
+            assignments=Bucket(kvs[2], Assignment, self.acks),
+            replicas=Bucket(kvs[3], ReplicaStatus, self.acks),
+            nodes=Bucket(kvs[4], NodeStatus, self.acks),
+            health=Bucket(kvs[6], ServiceHealth, self.acks),
             leases=kvs[5],
-            autoscale=Bucket(kvs[7], AutoscaleStatus),
-            allocations=Bucket(kvs[8], NodeLedger),
-            rules=Bucket(rules, RuleRecord),
-            rule_state=Bucket(rule_state, RuleState),
+            autoscale=Bucket(kvs[7], AutoscaleStatus, self.acks),
+            allocations=Bucket(kvs[8], NodeLedger, self.acks),
+            rules=Bucket(rules, RuleRecord, self.acks),
+            rule_state=Bucket(rule_state, RuleState, self.acks),
         )
 
     async def _stream(self, config: StreamConfig) -> None:

@@ -13,6 +13,8 @@ from corral.schemas.commands import command_type
 from corral.schemas.envelope import CloudEvent
 from corral.schemas.events import event_type
 
+EXPECTED_STREAM = "Nats-Expected-Stream"
+
 
 class Emitter:
     def __init__(self, bus: Bus, source: str) -> None:
@@ -54,9 +56,8 @@ class Emitter:
             resource, name, what, data, correlation=correlation, event_id=event_id
         )
         headers, payload = encode(event)
-        await self.bus.js.publish(
-            subject, payload, headers=headers, stream=self.bus.names.evt_stream
-        )
+        headers[EXPECTED_STREAM] = self.bus.names.evt_stream
+        await self.bus.acks.publish(subject, payload, headers)
         return event
 
     async def command(

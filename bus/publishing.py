@@ -20,12 +20,14 @@ already, `duplicate`); an `APIError` (for example a compare-and-set that lost) o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import PubAck
 from nats.js.errors import APIError, NoStreamResponseError
 
@@ -150,3 +152,92 @@ def _outcome(msg: Msg) -> Result:
         domain=response.get("domain"),
         duplicate=response.get("duplicate"),
     )
+
+
+class Acks:
+    """One JetStream publish awaited on its own, cheaper than `JetStreamContext.publish`.
+
+    nats-py's publish is a request: a fresh inbox token (a NUID), an `asyncio.wait_for` with
+    its timer, and a `PubAck` built by dataclass introspection, about 65 us of CPU per message
+    against 34 us here (`bench/README.md`). At 100,000 replicas every status, assignment and
+    event goes through it, so the saving is a core's worth. One reply subscription per
+    connection, a counter for the tokens, and one sweep every `SWEEP` seconds for the replies
+    that never came. The outcomes are the same as nats-py's: the stream sequence, or the
+    `APIError` (with its code), `NoStreamResponseError` or `nats.errors.TimeoutError` that
+    `js.publish` raises.
+    """
+
+    SWEEP = 0.25
+
+    def __init__(self, nc: Client, timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.timeout = timeout
+        self.prefix = ""
+        self._sub: Subscription | None = None
+        self._pending: dict[str, tuple[asyncio.Future[Result], float]] = {}
+        self._counter = 0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._sub is not None
+
+    async def start(self) -> None:
+        self.prefix = self.nc.new_inbox() + "."
+        self._sub = await self.nc.subscribe(self.prefix + "*", cb=self._on_reply)
+        self._sweeper = asyncio.create_task(self._sweep(), name="acks-sweep")
+
+    async def stop(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        sub, self._sub = self._sub, None
+        if sub is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for future, _ in self._pending.values():
+            if not future.done():
+                future.set_result(ConnectionError("the acks subscription stopped"))
+        self._pending.clear()
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Publish to a stream and wait for its ack; the stored message's sequence."""
+        if self._sub is None:
+            raise RuntimeError("Acks.start() has not run")
+        loop = asyncio.get_running_loop()
+        self._counter += 1
+        token = str(self._counter)
+        future: asyncio.Future[Result] = loop.create_future()
+        self._pending[token] = (future, loop.time() + (timeout or self.timeout))
+        try:
+            await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
+            result = await future
+        finally:
+            self._pending.pop(token, None)
+        if isinstance(result, BaseException):
+            raise result
+        return result.seq
+
+    async def _on_reply(self, msg: Msg) -> None:
+        entry = self._pending.pop(msg.subject[len(self.prefix) :], None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(_outcome(msg))
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.SWEEP)
+            now = loop.time()
+            late = [t for t, (_, deadline) in self._pending.items() if deadline <= now]
+            for token in late:
+                future, _ = self._pending.pop(token)
+                if not future.done():
+                    future.set_result(NatsTimeoutError())

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     sched_shards: int = Field(
         default=0, ge=0, le=1024, description="Ray shards per batch; 0: one per Ray CPU"
     )
+    rebalance_shard_above: int = Field(
+        default=200_000,
+        ge=1,
+        description="`corral rebalance` shards its search over Ray tasks (by service) when the "
+        "services it looks at hold more replicas than this",
+    )
 
     @field_validator("node_id")
     @classmethod

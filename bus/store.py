@@ -7,20 +7,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import APIError, InvalidKeyError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
 
+from corral.bus.publishing import Acks
 from corral.schemas.errors import ConflictError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
+_EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+_EXPECT_ABSENT = {_EXPECTED_LAST: "0"}
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+"""JetStream's error codes for a compare-and-set that lost (as nats-py's KV client reads them)"""
+_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
+
+
+def _valid_key(key: str) -> bool:
+    """NATS KV's key rule, as nats-py checks it before a write."""
+    return bool(key) and key[0] != "." and key[-1] != "." and _KEY.match(key) is not None
+
+
 _DELETES = ("DEL", "PURGE")
+_KV_OP = "KV-Operation"
+_MARKER = "Nats-Marker-Reason"
+_MARKER_DELETES = ("MaxAge", "Purge", "Remove")
 SETTLE = 0.05
 
 
@@ -31,11 +51,13 @@ class Versioned(Generic[T]):
 
 
 class Bucket(Generic[T]):
-    """A KV bucket holding records of one model."""
+    """A KV bucket holding records of one model. Writes go through `acks` when given (the
+    bus's cheaper publish path, see `Acks`), else through nats-py's KV client."""
 
-    def __init__(self, kv: KeyValue, model: type[T]) -> None:
+    def __init__(self, kv: KeyValue, model: type[T], acks: Acks | None = None) -> None:
         self.kv = kv
         self.model = model
+        self.acks = acks
 
     @property
     def name(self) -> str:
@@ -43,6 +65,10 @@ class Bucket(Generic[T]):
 
     def decode(self, raw: bytes) -> T:
         return self.model.model_validate_json(raw)
+
+    @staticmethod
+    def encode(value: BaseModel) -> bytes:
+        return value.model_dump_json().encode()
 
     async def get(self, key: str) -> Versioned[T] | None:
         try:
@@ -53,23 +79,50 @@ class Bucket(Generic[T]):
             return None
         return Versioned(self.decode(entry.value), entry.revision)
 
-    async def create(self, key: str, value: T, *, ttl: float | None = None) -> int:
-        """Write only if the key is absent (or deleted); ConflictError otherwise."""
+    async def create(
+        self, key: str, value: T, *, ttl: float | None = None, raw: bytes | None = None
+    ) -> int:
+        """Write only if the key is absent (or deleted); ConflictError otherwise. `raw` is
+        `value` already encoded (see `Mirror.expect`)."""
+        data = raw if raw is not None else self.encode(value)
         try:
-            return int(await self.kv.create(key, value.model_dump_json().encode(), msg_ttl=ttl))
+            if self.acks is not None and ttl is None:
+                try:
+                    return await self._write(key, data, _EXPECT_ABSENT)
+                except KeyWrongLastSequenceError:
+                    pass  # present, or deleted (a tombstone): nats-py tells which
+            return int(await self.kv.create(key, data, msg_ttl=ttl))
         except KeyWrongLastSequenceError as exc:
             raise ConflictError(f"{self.name}/{key} already exists") from exc
 
-    async def update(self, key: str, value: T, revision: int) -> int:
+    async def update(self, key: str, value: T, revision: int, *, raw: bytes | None = None) -> int:
         """Compare-and-set: write only if the key is still at `revision`."""
+        data = raw if raw is not None else self.encode(value)
         try:
-            return int(await self.kv.update(key, value.model_dump_json().encode(), last=revision))
+            if self.acks is not None:
+                return await self._write(key, data, {_EXPECTED_LAST: str(revision)})
+            return int(await self.kv.update(key, data, last=revision))
         except KeyWrongLastSequenceError as exc:
             raise ConflictError(f"{self.name}/{key} changed since revision {revision}") from exc
 
     async def put(self, key: str, value: T) -> int:
         """Unconditional write; only for records whose single owner is the caller's node."""
+        if self.acks is not None:
+            return await self._write(key, self.encode(value), None)
         return int(await self.kv.put(key, value.model_dump_json().encode()))
+
+    async def _write(self, key: str, data: bytes, headers: dict[str, str] | None) -> int:
+        """A KV write as nats-py's client makes it (the same subject, headers and errors),
+        through the bus's `Acks`."""
+        assert self.acks is not None
+        if not _valid_key(key):
+            raise InvalidKeyError(key)
+        try:
+            return await self.acks.publish(self.kv._pre + key, data, headers)
+        except APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                raise KeyWrongLastSequenceError(description=exc.description) from exc
+            raise
 
     async def delete(self, key: str, revision: int | None = None) -> None:
         try:
@@ -114,6 +167,19 @@ class Bucket(Generic[T]):
         return out
 
 
+def _position(reply: str) -> tuple[int, int]:
+    """A delivered JetStream message's stream sequence (the key's revision) and how many
+    messages the consumer still has to deliver, from its reply subject:
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`, or
+    the newer form with `<domain>.<account hash>` after `$JS.ACK` (and a random token after)."""
+    tokens = reply.split(".")
+    if tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise ValueError(reply)
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    return int(tokens[7]), int(tokens[10])
+
+
 async def _watch_is_empty(watcher: KeyValue.KeyWatcher) -> bool:
     """True when the watch has nothing to deliver. nats-py's initial None marker may arrive
     before entries already in flight (nats-io/nats.py#842), so the consumer is asked instead:
@@ -141,8 +207,9 @@ class Mirror(Generic[T]):
         self.items: dict[str, Versioned[T]] = {}
         self.synced = asyncio.Event()
         self._listeners: list[Callable[[str, Versioned[T] | None], Awaitable[None] | None]] = []
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: KeyValue.KeyWatcher | None = None
+        self._sub: JetStreamContext.PushSubscription | None = None
+        self._pre = ""
+        self._expected: dict[str, tuple[bytes, T]] = {}
 
     def listen(
         self, listener: Callable[[str, Versioned[T] | None], Awaitable[None] | None]
@@ -157,61 +224,105 @@ class Mirror(Generic[T]):
         return [item.value for item in self.items.values()]
 
     async def start(self, sync_within: float = 30.0) -> None:
-        self._watcher = await self.bucket.kv.watch(self.prefix)
-        if await _watch_is_empty(self._watcher):
+        """Watch the bucket: an ordered consumer (nats-py resets it on a gap) from the last
+        value of every key, as `KeyValue.watch` does, but each message is folded in as it
+        arrives. nats-py's watcher builds metadata dataclasses, an entry and a queue hop for
+        every message, which cost the deployer a tenth of its time at 100,000 replicas."""
+        kv = self.bucket.kv
+        self._pre = kv._pre
+        self._sub = await kv._js.subscribe(
+            kv._pre + self.prefix,
+            stream=kv._stream,
+            cb=self._on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=300.0,
+        )
+        info = await self._sub.consumer_info()
+        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+        if int(info.num_pending or 0) + int(delivered or 0) == 0:
             self.synced.set()
-        self._task = asyncio.create_task(self._run(), name=f"mirror:{self.bucket.name}")
         await asyncio.wait_for(self.synced.wait(), sync_within)
 
     async def stop(self) -> None:
-        if self._watcher is not None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
             with contextlib.suppress(Exception):
-                await self._watcher.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await sub.unsubscribe()
+
+    def expect(self, key: str, value: T, raw: bytes) -> None:
+        """Say that this process is writing `raw` (the encoding of `value`) to `key`. The
+        watch often brings a write back before its ack does, so `note_written` comes too late
+        to skip it; a watched entry whose bytes are these is taken as `value` undecoded. Every
+        `expect` ends with `note_written`, `note_deleted` or `unexpect`."""
+        self._expected[key] = (raw, value)
+
+    def unexpect(self, key: str) -> None:
+        """The write that `expect` announced failed."""
+        self._expected.pop(key, None)
 
     def note_written(self, key: str, value: T, revision: int) -> None:
         """Record our own write at once, so a decision made before the watch catches up
         already counts it. The watch will deliver the same revision later."""
+        self._expected.pop(key, None)
         current = self.items.get(key)
         if current is None or current.revision < revision:
             self.items[key] = Versioned(value, revision)
 
     def note_deleted(self, key: str) -> None:
+        self._expected.pop(key, None)
         self.items.pop(key, None)
 
-    async def _run(self) -> None:
-        assert self._watcher is not None
-        async for entry in self._watcher:
-            if entry is None:
-                continue  # not trusted (see _watch_is_empty); an entry with delta 0 is
-            changed, item = self._apply(entry)
-            if entry.delta == 0:
-                self.synced.set()
-            if not changed:
-                continue
-            for listener in self._listeners:
-                try:
-                    result = listener(entry.key, item)
-                    if result is not None:
-                        await result
-                except Exception:
-                    log.exception("listener failed on %s/%s", self.bucket.name, entry.key)
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            revision, pending = _position(msg.reply)
+        except (ValueError, IndexError):
+            log.warning("%s: a watched message without JetStream metadata", self.bucket.name)
+            return
+        deleted = False
+        headers = msg.headers
+        if headers:
+            if headers.get(_KV_OP) in _DELETES:
+                deleted = True
+            elif _MARKER in headers:
+                # nats-server 2.11+ marks keys removed by a TTL or a purge this way
+                if headers[_MARKER] not in _MARKER_DELETES:
+                    if pending == 0:
+                        self.synced.set()
+                    return
+                deleted = True
+        key = msg.subject[len(self._pre) :]
+        changed, item = self._apply(key, revision, msg.data, deleted)
+        if pending == 0:
+            self.synced.set()
+        if not changed:
+            return
+        for listener in self._listeners:
+            try:
+                result = listener(key, item)
+                if result is not None:
+                    await result
+            except Exception:
+                log.exception("listener failed on %s/%s", self.bucket.name, key)
 
-    def _apply(self, entry: KeyValue.Entry) -> tuple[bool, Versioned[T] | None]:
+    def _apply(
+        self, key: str, revision: int, value: bytes, deleted: bool
+    ) -> tuple[bool, Versioned[T] | None]:
         """Fold one watched entry into `items`; False when it is older than what we hold."""
-        key = entry.key
         current = self.items.get(key)
-        revision = entry.revision or 0
         if current is not None and current.revision >= revision:
             return False, None  # the echo of our own write, or older: nothing new
-        if entry.operation in _DELETES or not entry.value:
+        if deleted or not value:
             self.items.pop(key, None)
             return True, None
+        expected = self._expected.get(key)
+        if expected is not None and expected[0] == value:
+            del self._expected[key]
+            item = Versioned(expected[1], revision)
+            self.items[key] = item
+            return True, item
         try:
-            item = Versioned(self.bucket.decode(entry.value), revision)
+            item = Versioned(self.bucket.decode(value), revision)
         except ValidationError as exc:
             log.warning("skipping unreadable %s/%s: %s", self.bucket.name, key, exc)
             return False, None

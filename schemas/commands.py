@@ -3,7 +3,9 @@ with the CloudEvents type `io.corral.<resource>.<verb>`."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from corral.schemas.envelope import TYPE_PREFIX as TYPE_PREFIX
 from corral.schemas.rules import Rule, RuleDelete
@@ -24,6 +26,21 @@ class ScaleCommand(BaseModel):
         description="on scale-in, remove these replicas first, in this order (least busy "
         "first); the rest follow the usual order",
     )
+    place_on: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list,
+        max_length=MAX_PREFER_REMOVE,
+        description="on scale-out, put the new replicas on these nodes, one each, in order (a "
+        "rebalance plan's targets); a node that no longer fits when the scheduler books it "
+        "falls back to the usual placement, and the replica's reason says so",
+    )
+
+    @model_validator(mode="after")
+    def _pins_fit(self) -> ScaleCommand:
+        if len(self.place_on) > self.replicas:
+            raise ValueError(
+                f"place_on names {len(self.place_on)} nodes for {self.replicas} replicas"
+            )
+        return self
 
 
 class DeleteCommand(BaseModel):

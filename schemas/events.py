@@ -82,6 +82,20 @@ class ReplicaEvent(EventData):
     at: datetime | None = None
 
 
+class ReplicaPreempted(EventData):
+    """A running replica was evicted so that a higher-priority service fits
+    (`<prefix>.evt.replica.<victim service>.preempted`)."""
+
+    replica: str
+    service: str
+    node: str
+    priority: int = Field(description="the victim service's priority")
+    preemptor: str = Field(description="the service that needed the room")
+    preemptor_priority: int
+    message: str = ""
+    at: datetime | None = None
+
+
 def event_type(resource: str, what: str) -> str:
     return f"{TYPE_PREFIX}{resource}.{what}"
 
@@ -130,6 +144,21 @@ class AutoscaleProposal(BaseModel):
     replicas: int | None = Field(default=None, description="the proposal; None: no reading")
     formula: str = ""
     note: str = Field(default="", description="tolerance, missing samples, or the read error")
+    path: str = Field(
+        default="",
+        description="what the rules were fed (`behavior.smoothing`): empty, the reading as it "
+        "came; `smoothed`, the average plus headroom; `burst`, the reading of a burst; "
+        "`partial`, a reading that lacks some replicas' samples, as it came",
+    )
+    demand: float | None = Field(
+        default=None, description="two_speed: this reading's demand, in replicas (unrounded)"
+    )
+    level: float | None = Field(
+        default=None, description="two_speed: the average demand, in replicas"
+    )
+    noise: float | None = Field(
+        default=None, description="two_speed: one noise deviation of the demand, in replicas"
+    )
 
 
 class AutoscaleDecision(EventData):

@@ -63,6 +63,11 @@ class ServiceRecord(Record):
         description="replicas the last scale command named to go first on scale-in (least busy "
         "first)",
     )
+    place_on: list[str] = Field(
+        default_factory=list,
+        description="nodes this generation's scale-out asked its new replicas to go to (a "
+        "rebalance plan's targets); every new generation clears them",
+    )
 
 
 class Template(Record):
@@ -101,6 +106,30 @@ class Assignment(Record):
         default=False,
         description="the replica is to stop; the key goes once its agent has stopped it",
     )
+    waits_for: list[str] = Field(
+        default_factory=list,
+        description="replicas on the same node (preempted for this one) whose assignments "
+        "must be gone before it starts",
+    )
+
+
+class _FootprintTemplate(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    resources: Resources = Field(default_factory=Resources)
+
+
+class AssignmentFootprint(BaseModel):
+    """What an assignment takes on its node, read from an `Assignment` record: a reader that
+    counts room (the scheduler) needs no more, and validating the whole template of every
+    assignment cost it a third of its time at 100,000 replicas."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    service: str
+    node: str
+    template: _FootprintTemplate
+    draining: bool = False
 
 
 class ReplicaState(StrEnum):

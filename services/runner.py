@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +41,22 @@ from corral.workers.runtime import Context, Worker
 from corral.workers.scheduler.worker import SchedulerWorker
 
 log = logging.getLogger(__name__)
+GC_THRESHOLDS = (100_000, 50, 100)
+"""generation 0 is collected every 100,000 net allocations instead of 700 (CPython's default)"""
+
+
+def tune_gc() -> None:
+    """Collect cycles less often in a worker process, and never scan what start-up left.
+
+    A worker holds its mirrors' records (hundreds of thousands of small objects at scale) for
+    its whole life. With CPython's default thresholds the collector walked them again and
+    again: in a 10,000-replica deploy it took a third of the deployer's CPU, and decoding one
+    assignment cost 70-115 us instead of 12-18 us. Nothing here relies on prompt collection of
+    cycles (the records are trees), so a larger first threshold only delays collecting the few
+    cycles asyncio leaves behind. Call it once the workers have started: what is alive then
+    (modules, the first snapshot of each mirror) is frozen out of every later collection."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()
 
 
 def local_capacity() -> Resources:
@@ -157,6 +174,7 @@ async def serve(
             for worker in workers:
                 await worker.start()
                 started.append(worker)
+            tune_gc()
             if on_ready is not None:
                 result = on_ready(url)
                 if result is not None:
@@ -247,6 +265,7 @@ class Host:
         for worker in self.workers:
             await worker.start()
             self._started.append(worker)
+        tune_gc()
         return self
 
     async def add(self, workers: Sequence[Worker], *, concurrency: int = 25) -> None:

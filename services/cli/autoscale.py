@@ -63,9 +63,11 @@ def _metrics(decision: dict[str, Any]) -> str:
         value = proposal.get("value")
         shown = "?" if value is None else f"{value:.4g}"
         asks = proposal.get("replicas")
+        path = proposal.get("path")  # behavior.smoothing: what the rules were fed
         parts.append(
             f"{proposal['metric']}={shown}/{proposal['target']:g}"
             + (f"->{asks}" if asks is not None else "")
+            + (f" ({path})" if path else "")
         )
     return " ".join(parts) or "-"
 

@@ -66,7 +66,10 @@ async def explain_view(bus: Bus, name: str) -> dict[str, Any]:
             {
                 "replica": a.value.replica,
                 "node": a.value.node,
-                "state": "stopping" if a.value.draining else state.get(a.value.replica, "assigned"),
+                "state": "stopping"
+                if a.value.draining
+                # a preemptor's replica waits for its victims to stop before it starts
+                else state.get(a.value.replica, "waiting" if a.value.waits_for else "assigned"),
                 "why": a.value.reason or "-",
                 "assigned_at": a.value.assigned_at.isoformat(),
             }

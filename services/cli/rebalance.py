@@ -1,19 +1,25 @@
 """`corral rebalance --plan|--apply`: moves, within a disruption budget, that lower spread skew or
 free nodes under binpack, computed by the scheduler's pure planner on the cluster as it is
-(nodes, the schedulers' ledgers, assignments, and each service's placement rules)."""
+(nodes, the schedulers' ledgers, assignments, and each service's placement rules). The search
+runs in this process, sharded by service over Ray tasks above `rebalance_shard_above`
+replicas; `--apply` pins each new replica to its move's target node (see `moving.py`)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from corral.bus.connection import Bus
+from corral.bus.settings import Settings
 from corral.services.cli import render
 from corral.services.cli.render import Output
+
+if TYPE_CHECKING:
+    from corral.workers.scheduler.searching import MoveSearch
 
 out = Console()
 err = Console(stderr=True)
@@ -46,7 +52,11 @@ def rebalance(
     settings = _settings()
 
     async def work(bus: Bus) -> dict[str, Any]:
-        view = await plan_view(bus, budget, service or [], settings.node_grace)
+        search = move_search(settings)
+        try:
+            view = await plan_view(bus, budget, service or [], settings.node_grace, search)
+        finally:
+            await search.close()
         if apply:
             view["applied"] = await apply_moves(
                 bus, view["moves"], timeout, settings.command_timeout
@@ -60,11 +70,23 @@ def rebalance(
         render.dump(view, output.value, out)
 
 
-async def plan_view(bus: Bus, budget: int, only: list[str], grace: float) -> dict[str, Any]:
+def move_search(settings: Settings) -> MoveSearch:
+    """The search runs here, in the CLI's process; above `rebalance_shard_above` replicas it
+    is sharded by service over Ray tasks (Ray started lazily, as the scheduler starts it)."""
+    from corral.workers.scheduler.executors import Sharded
+    from corral.workers.scheduler.searching import MoveSearch, RayShards
+
+    ray = Sharded(settings.sched_shard_above, settings.sched_shards)
+    return MoveSearch(settings.rebalance_shard_above, settings.sched_shards, RayShards(ray))
+
+
+async def plan_view(
+    bus: Bus, budget: int, only: list[str], grace: float, search: MoveSearch | None = None
+) -> dict[str, Any]:
     # NumPy and the solver load only for this command, not for every `corral` call
     from corral.workers.scheduler.accounting import Accounts, Usage
     from corral.workers.scheduler.placement import ClassRequest, NodeTable
-    from corral.workers.scheduler.rebalance import plan_moves
+    from corral.workers.scheduler.searching import MoveSearch
     from corral.workers.scheduler.worker import node_ready
 
     b = bus.buckets
@@ -88,7 +110,9 @@ async def plan_view(bus: Bus, budget: int, only: list[str], grace: float) -> dic
         for r in records
         if not only or r.spec.name in only
     ]
-    moves = plan_moves(table, classes, budget)
+    # without a runner the search stays in this process whatever the size
+    searched = await (search or MoveSearch(0)).plan(table, classes, budget)
+    moves = searched.moves
     # name a replica for each move: one that runs on the source node and is not leaving
     free: dict[tuple[str, str], list[str]] = {}
     for a in sorted(assignments, key=lambda a: a.replica):
@@ -106,7 +130,10 @@ async def plan_view(bus: Bus, budget: int, only: list[str], grace: float) -> dic
                 "why": m.reason,
             }
         )
-    return {"budget": budget, "moves": rows}
+    where = f"ray: {searched.shards} shards" if searched.shards else "in process"
+    if searched.fallback:
+        where = f"in process (Ray failed: {searched.fallback})"
+    return {"budget": budget, "moves": rows, "searched": where}
 
 
 async def apply_moves(
@@ -116,16 +143,21 @@ async def apply_moves(
     from corral.services.cli.moving import move_service
 
     by_service: dict[str, list[str]] = {}
+    targets: dict[str, list[str]] = {}
     for m in moves:
         if m["replica"]:
             by_service.setdefault(m["service"], []).append(m["replica"])
+            targets.setdefault(m["service"], []).append(m["to"])
     return [
-        await move_service(bus, name, replicas, within, command_timeout)
+        await move_service(bus, name, replicas, within, command_timeout, targets[name])
         for name, replicas in by_service.items()
     ]
 
 
 def print_view(view: dict[str, Any]) -> None:
+    searched = view.get("searched", "in process")
+    if searched.startswith("in process ("):
+        err.print(f"[yellow]warning:[/yellow] searched {searched}")
     if not view["moves"]:
         out.print("nothing to move: every service is as even (or as packed) as it can be")
         return
@@ -136,6 +168,8 @@ def print_view(view: dict[str, Any]) -> None:
         table.add_row(m["service"], m["replica"], m["from"], m["to"], m["why"])
     out.print(table)
     out.print(f"{len(view['moves'])} move(s) within a budget of {view['budget']}")
+    if searched.startswith("ray"):
+        out.print(f"searched on {searched}")
     for result in view.get("applied", []):
         if "skipped" in result:
             out.print(f"{result['service']}: skipped: {result['skipped']}")
@@ -143,3 +177,8 @@ def print_view(view: dict[str, Any]) -> None:
         started = ", ".join(f"{r} on {n}" for r, n in result["started"].items())
         stopped = ", ".join(f"{r} on {n}" for r, n in result["stopped"].items())
         out.print(f"{result['service']}: started {started}; then stopped {stopped}")
+        for miss in result.get("missed", []):
+            out.print(
+                f"  not on {miss['planned']} as planned: started on {miss['node']} instead "
+                f"({miss['why']})"
+            )

@@ -17,6 +17,7 @@ from corral.schemas.events import (
     CommandRejected,
     MetricSample,
     ReplicaEvent,
+    ReplicaPreempted,
     ServiceProgress,
     event_type,
 )
@@ -47,6 +48,7 @@ def catalogue() -> dict[str, type[BaseModel]]:
         models[event_type("service", what)] = ServiceProgress
     for what in ("started", "stopped", "exited", "failed"):
         models[event_type("replica", what)] = ReplicaEvent
+    models[event_type("replica", "preempted")] = ReplicaPreempted
     models[event_type("autoscale", "decision")] = AutoscaleDecision
     models[event_type("autoscale", "cold_start")] = ColdStartEvent
     models["metrics.sample"] = MetricSample

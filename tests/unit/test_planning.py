@@ -87,10 +87,18 @@ def test_new_replica_ids_are_prefixed_and_unique() -> None:
 
 
 def test_new_replica_ids_never_repeat_a_taken_or_drawn_id(monkeypatch: pytest.MonkeyPatch) -> None:
-    letters = iter("b" * 8 + "b" * 8 + "c" * 8 + "c" * 8 + "d" * 8)
-    monkeypatch.setattr(planning.secrets, "choice", lambda _alphabet: next(letters))
+    # byte 0 is the alphabet's "b", 1 is "c", 2 is "d"; each draw asks for what is missing
+    draws = iter([bytes([0] * 16), bytes([1] * 16), bytes([2] * 8)])
+    asked: list[int] = []
+
+    def token_bytes(n: int) -> bytes:
+        asked.append(n)
+        return next(draws)
+
+    monkeypatch.setattr(planning.secrets, "token_bytes", token_bytes)
     ids = new_replica_ids("web", 2, {"web-bbbbbbbb"})
     assert ids == ["web-cccccccc", "web-dddddddd"]
+    assert asked == [16, 16, 8]
 
 
 def test_steady_state_is_an_empty_plan() -> None:

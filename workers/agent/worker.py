@@ -17,7 +17,7 @@ from datetime import datetime
 from faststream.nats import NatsBroker
 
 from corral.bus.lifecycle import Loops
-from corral.bus.store import Mirror
+from corral.bus.store import Mirror, Versioned
 from corral.schemas.envelope import utcnow
 from corral.schemas.events import ReplicaEvent
 from corral.schemas.spec import Resources
@@ -90,10 +90,12 @@ class AgentWorker:
         self.assignments: Mirror[Assignment] = Mirror(
             ctx.bus.buckets.assignments, prefix=f"{node_id}.>"
         )
-        self.assignments.listen(lambda key, _: self.mark(key.split(".", 1)[1]))
+        self.assignments.listen(self._on_assignment)
         self._replicas: dict[str, _Replica] = {}
         self._services: dict[str, str] = {}
         self._dirty: set[str] = set()
+        self._waiters: dict[str, set[str]] = {}
+        """replica -> the preemptors' replicas here that wait for it to go"""
         self._wake = asyncio.Event()
         self.loops = Loops(f"agent {node_id}")
         self._timers: set[asyncio.TimerHandle] = set()
@@ -183,6 +185,21 @@ class AgentWorker:
     def mark(self, replica: str) -> None:
         self._dirty.add(replica)
         self._wake.set()
+
+    def _on_assignment(self, key: str, item: Versioned[Assignment] | None) -> None:
+        replica = key.split(".", 1)[1]
+        self.mark(replica)
+        if item is not None:
+            for victim in item.value.waits_for:
+                self._waiters.setdefault(victim, set()).add(replica)
+            return
+        # a preempted replica is gone: those that waited for its room may start now
+        for waiter in self._waiters.pop(replica, ()):
+            self.mark(waiter)
+
+    def _waiting(self, assignment: Assignment) -> bool:
+        """A preemptor's replica starts once the replicas evicted for it have left."""
+        return any(f"{self.node_id}.{r}" in self.assignments.items for r in assignment.waits_for)
 
     def _mark_later(self, replica: str, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -287,6 +304,8 @@ class AgentWorker:
             if assignment is not None and not assignment.draining:
                 self._services[replica] = assignment.service
                 if not running and not state.finished:
+                    if self._waiting(assignment):
+                        return
                     await self._start(assignment, state)
                 elif running and state.started is not None:
                     await self._report_running(assignment, state)  # an earlier write failed
@@ -303,7 +322,9 @@ class AgentWorker:
                         ReplicaState.STOPPED,
                         assignment.generation,
                         exit_code=code,
-                        message="scaled in or replaced",
+                        message=assignment.reason
+                        if assignment.reason.startswith("preempted by ")
+                        else "scaled in or replaced",
                         correlation=assignment.correlation,
                     )
                 await self.bus.buckets.replicas.delete(f"{assignment.service}.{replica}")
@@ -546,18 +567,22 @@ class AgentWorker:
             ready=replica_state is not None and replica_state.ready_at is not None,
             ready_at=replica_state.ready_at if replica_state else None,
         )
-        await self.bus.buckets.replicas.put(f"{assignment.service}.{assignment.replica}", status)
-        await self._event(
-            assignment.service,
-            assignment.replica,
-            event,
-            state,
-            assignment.generation,
-            pid=status.pid,
-            ports=status.ports,
-            exit_code=exit_code,
-            message=message,
-            correlation=assignment.correlation,
+        # both go out at once, the status first (one connection keeps their order), and
+        # their acks are awaited together: one round trip per report instead of two
+        await asyncio.gather(
+            self.bus.buckets.replicas.put(f"{assignment.service}.{assignment.replica}", status),
+            self._event(
+                assignment.service,
+                assignment.replica,
+                event,
+                state,
+                assignment.generation,
+                pid=status.pid,
+                ports=status.ports,
+                exit_code=exit_code,
+                message=message,
+                correlation=assignment.correlation,
+            ),
         )
 
     async def _event(

@@ -102,7 +102,11 @@ def apply(command: Command, current: ServiceRecord | None, now: datetime) -> Out
         spec = live.spec.model_copy(update={"replicas": data.replicas})
         # a scale without a preference clears an older one: it described other replicas' load
         prefer = list(data.prefer_remove) if data.replicas < live.spec.replicas else []
-        return Outcome(_next(command, live, now, spec=spec, prefer_remove=prefer), changed=True)
+        pins = list(data.place_on) if data.replicas > live.spec.replicas else []
+        return Outcome(
+            _next(command, live, now, spec=spec, prefer_remove=prefer, place_on=pins),
+            changed=True,
+        )
     if command.verb == "delete":
         return Outcome(_next(command, live, now, deleted=True), changed=True)
     if command.verb == "rollback":
@@ -141,6 +145,7 @@ def _next(command: Command, record: ServiceRecord, now: datetime, **changes: Any
             "command_id": command.id,
             "updated_at": now,
             "recent_commands": [*record.recent_commands, command.id][-RECENT_COMMANDS:],
+            "place_on": [],  # pins belong to the scale that set them, not to what follows
             **changes,
         }
     )

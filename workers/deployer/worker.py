@@ -32,7 +32,8 @@ from corral.schemas.state import (
     is_alive,
     next_expiry,
 )
-from corral.workers.deployer.planning import Plan, new_replica_ids, plan
+from corral.workers.deployer.evicting import evict, with_preemption
+from corral.workers.deployer.planning import Plan, new_replica_ids, pinned_nodes, plan
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ class DeployerWorker:
         self.assignments.listen(self._on_assignment)
         self.replicas_by_service: dict[str, dict[str, ReplicaStatus]] = defaultdict(dict)
         self.replicas.listen(self._on_replica)
+        self.preempted: dict[str, str] = {}
+        """service -> the preemption that evicted some of its replicas, while it is pending"""
         self.nodes.listen(self._on_node)
 
     def register(self, broker: NatsBroker) -> None:
@@ -404,6 +407,8 @@ class DeployerWorker:
             resources=spec.resources.as_dict(),
             placement=spec.placement,
             driver=spec.driver,
+            pinned=pinned_nodes(record, list(self.by_service.get(spec.name, {}).values())),
+            preempt=True,
         )
         try:
             response = await self.bus.nc.request(
@@ -418,10 +423,16 @@ class DeployerWorker:
         if reply.error:
             return the_plan.add, f"scheduler error: {reply.error}"
         assert the_plan.template is not None
+        # preemption: the victims go first; a node where one could not be evicted gets none
+        blocked = await evict(self, reply.evictions, correlation) if reply.evictions else set()
+        kept = [p for p in reply.placed if p.node not in blocked]
+        waits: dict[str, list[str]] = {}
+        for eviction in reply.evictions:
+            waits.setdefault(eviction.node, []).append(eviction.replica)
         now = utcnow()
         writes = []
         made: list[tuple[str, Assignment]] = []
-        for placed in reply.placed:
+        for placed in kept:
             assignment = Assignment(
                 replica=placed.replica,
                 service=spec.name,
@@ -431,6 +442,7 @@ class DeployerWorker:
                 correlation=correlation,
                 reason=placed.reason,
                 assigned_at=now,
+                waits_for=waits.get(placed.node, []),
             )
             key = f"{placed.node}.{placed.replica}"
             made.append((key, assignment))
@@ -443,14 +455,25 @@ class DeployerWorker:
             elif not isinstance(result, ConflictError):
                 log.warning("could not write assignment %s: %s", key, result)
                 self.mark(spec.name)
+        if len(kept) < len(reply.placed):
+            self.mark(spec.name)
+            pending = len(reply.unplaced) + len(reply.placed) - len(kept)
+            return pending, reply.reason or "could not evict for a preemption; will try again"
         return len(reply.unplaced), reply.reason
 
     async def _create(self, key: str, assignment: Assignment) -> int:
         """Write one new assignment, at most WRITES_IN_FLIGHT at once: a write that times out
         under a flood may still have landed, and its service is then planned again on a view
         that lacks it (the surplus is drained later: churn that a bounded flood avoids)."""
+        bucket = self.bus.buckets.assignments
+        raw = bucket.encode(assignment)
         async with self._writes:
-            return await self.bus.buckets.assignments.create(key, assignment)
+            self.assignments.expect(key, assignment, raw)
+            try:
+                return await bucket.create(key, assignment, raw=raw)
+            except BaseException:
+                self.assignments.unexpect(key)
+                raise
 
     async def _report(
         self,
@@ -476,6 +499,7 @@ class DeployerWorker:
         if rollout is not None and not record.deleted:
             rollout = await self._advance(record, rollout, the_plan, desired, pending)
         previous = self.status.get(name)
+        reason = with_preemption(self, name, previous.reason if previous else "", pending, reason)
         status = ServiceStatus(
             name=name,
             observed_generation=record.generation,

@@ -67,6 +67,11 @@ class Sharded:
             self._task = ray.remote(solve_shard)
         return ray
 
+    def ray(self) -> Any:
+        """The Ray module, started as for a large batch (lazily; `RAY_ADDRESS` or a local
+        Ray), so that other searches (rebalance) send their tasks through the same handle."""
+        return self._ensure()
+
     async def solve(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
         if sum(c.count for c in classes) <= self.above:
             return await self.local.solve(classes, table)

@@ -16,7 +16,7 @@ ones.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,9 @@ class Move:
     source: str
     target: str
     reason: str
+    skew: int = 0
+    """spread: the service's skew this move lowers (what the search ranks moves by); 0 for
+    a binpack move"""
 
 
 def plan_moves(table: NodeTable, services: Sequence[ClassRequest], budget: int) -> list[Move]:
@@ -104,7 +107,31 @@ def _spread_move(table: NodeTable, s: ClassRequest) -> tuple[int, Move, int, int
             f"spread by {s.spread_by}: {per[high]} in {s.spread_by}={names[high]}, "
             f"{per[low]} in {s.spread_by}={names[low]}"
         )
-    return skew, Move(s.service, table.ids[source], table.ids[target], why), source, target
+    move = Move(s.service, table.ids[source], table.ids[target], why, skew)
+    return skew, move, source, target
+
+
+def best_move(table: NodeTable, s: ClassRequest) -> Move | None:
+    """The move the search would make next for a spread service, on the table as it is."""
+    found = _spread_move(table, s)
+    return None if found is None else found[1]
+
+
+def make_move(
+    table: NodeTable, s: ClassRequest, move: Move, position: Mapping[str, int] | None = None
+) -> bool:
+    """Carry `move` out on the table if it still keeps the hard rules and fits (the source
+    holds a replica, the target has room for one more); False, and nothing changed, if not.
+    `position`: node id -> row, when the caller has it already."""
+    position = position if position is not None else {n: i for i, n in enumerate(table.ids)}
+    source, target = position.get(move.source), position.get(move.target)
+    if source is None or target is None or source == target:
+        return False
+    counts = table.counts(s.service)
+    if counts[source] <= 0 or room_for(s, table, counts)[target] <= 0:
+        return False
+    _shift(table, s, source, target)
+    return True
 
 
 def _shift(table: NodeTable, s: ClassRequest, source: int, target: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -18,11 +18,11 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from corral.bus.lifecycle import Loops
-from corral.bus.store import Mirror, Versioned
+from corral.bus.store import Bucket, Mirror, Versioned
 from corral.schemas.errors import ConflictError
-from corral.schemas.placement import Placed, PlacementReply, PlacementRequest
+from corral.schemas.placement import Eviction, Placed, PlacementReply, PlacementRequest
 from corral.schemas.state import (
-    Assignment,
+    AssignmentFootprint,
     Booking,
     NodeLedger,
     NodeStatus,
@@ -32,7 +32,9 @@ from corral.schemas.state import (
 from corral.workers.runtime import Context
 from corral.workers.scheduler.accounting import Accounts, Usage, book, release, stale
 from corral.workers.scheduler.executors import Executor, Sharded
+from corral.workers.scheduler.pinning import place_pinned
 from corral.workers.scheduler.placement import ClassRequest, NodeTable, Solution
+from corral.workers.scheduler.preempting import preempt_left
 
 log = logging.getLogger(__name__)
 BOOKING_TTL = 30.0
@@ -54,6 +56,12 @@ class _Asked:
     left: list[str]
     """replica ids still to place"""
     reason: str = ""
+    pins: dict[str, str] = field(default_factory=dict)
+    """replica -> the node a rebalance plan pinned it to, until booked or refused"""
+    unpinned: dict[str, str] = field(default_factory=dict)
+    """replica -> why its pinned node no longer fit (it was placed by the usual rules)"""
+    evictions: list[Eviction] = field(default_factory=list)
+    """running replicas to evict first, so that some of `placed` fit (preemption)"""
 
 
 class SchedulerWorker:
@@ -63,7 +71,10 @@ class SchedulerWorker:
         self.ctx = ctx
         buckets = ctx.bus.buckets
         self.nodes: Mirror[NodeStatus] = Mirror(buckets.nodes)
-        self.assignments: Mirror[Assignment] = Mirror(buckets.assignments)
+        # room is all the scheduler reads of an assignment: decode no more than that
+        self.assignments: Mirror[AssignmentFootprint] = Mirror(
+            Bucket(buckets.assignments.kv, AssignmentFootprint)
+        )
         self.ledgers: Mirror[NodeLedger] = Mirror(buckets.allocations)
         self.services: Mirror[ServiceRecord] = Mirror(buckets.services)
         self.accounts = Accounts()
@@ -94,6 +105,7 @@ class SchedulerWorker:
         self._sub = await self.ctx.bus.nc.subscribe(
             names.place, queue=f"{names.prefix}-scheduler", cb=self._on_request
         )
+        await self.ctx.bus.nc.flush()  # the server has the subscription before we say "started"
         self.loops.spawn(self._batches(), "batches")
         self.loops.spawn(self._sweep(), "sweep")
 
@@ -108,7 +120,7 @@ class SchedulerWorker:
             await mirror.stop()
 
     # --- state ---------------------------------------------------------------------------
-    def _on_assignment(self, key: str, item: Versioned[Assignment] | None) -> None:
+    def _on_assignment(self, key: str, item: Versioned[AssignmentFootprint] | None) -> None:
         if item is None:
             self.accounts.set_assigned(key, None)
             self._release.add(key)
@@ -155,7 +167,8 @@ class SchedulerWorker:
                     msg.reply, PlacementReply(error=error).model_dump_json().encode()
                 )
             return
-        self._queue.append(_Asked(request, msg.reply, [], list(request.replicas)))
+        pins = {r: n for r, n in zip(request.replicas, request.pinned, strict=False) if n}
+        self._queue.append(_Asked(request, msg.reply, [], list(request.replicas), pins=pins))
         self._wake.set()
 
     async def _batches(self) -> None:
@@ -182,10 +195,11 @@ class SchedulerWorker:
         if not asked.reply_to:
             return
         reply = PlacementReply(
-            placed=asked.placed,
+            placed=[_unpinned(p, asked.unpinned.get(p.replica)) for p in asked.placed],
             unplaced=asked.left,
             reason=asked.reason if asked.left else "",
             error=asked.reason if asked.reason.startswith("scheduler error") else "",
+            evictions=asked.evictions,
         )
         with contextlib.suppress(Exception):
             await self.ctx.bus.nc.publish(asked.reply_to, reply.model_dump_json().encode())
@@ -233,8 +247,54 @@ class SchedulerWorker:
             allocated=allocated, totals=totals, ready=ready, placed=placed, avoids=avoids
         )
 
+    async def _place_pinned(self, batch: list[_Asked]) -> None:
+        """Replicas pinned to a node (a rebalance plan's targets) go there when it still fits,
+        booked with compare-and-set like any other; a pin whose node lost a race is checked
+        again on fresh state, and one that no longer fits is left to the usual placement."""
+        now = datetime.now(UTC)
+        for _ in range(ROUNDS):
+            todo = [asked for asked in batch if asked.pins]
+            if not todo:
+                return
+            table = self.table([a.request.service for a in todo])
+            per_node: dict[str, list[tuple[_Asked, str, str]]] = {}
+            for asked in todo:
+                request = asked.request
+                rules = ClassRequest.of(
+                    request.service, 0, request.resources, request.rules(), request.driver
+                )
+                pinned = place_pinned(table, rules, list(asked.pins.items()))
+                for replica, why in pinned.refused.items():
+                    del asked.pins[replica]
+                    asked.unpinned[replica] = why
+                for replica, node, note in pinned.kept:
+                    per_node.setdefault(node, []).append((asked, replica, note))
+            results = await asyncio.gather(
+                *(self._book(node, entries, now) for node, entries in per_node.items()),
+                return_exceptions=True,
+            )
+            for (node, entries), result in zip(per_node.items(), results, strict=True):
+                if result is not True:
+                    self.conflicts += 1  # checked again on the ledger as it is now
+                    continue
+                for asked, replica, note in entries:
+                    del asked.pins[replica]
+                    asked.left.remove(replica)
+                    asked.placed.append(Placed(replica=replica, node=node, reason=note))
+        for asked in batch:
+            for replica, node in asked.pins.items():
+                asked.unpinned[replica] = f"planned node {node} kept being booked by others"
+            asked.pins.clear()
+
     async def place(self, batch: list[_Asked]) -> None:
-        """Plan, book with compare-and-set, and plan again what lost a race."""
+        """Plan, book with compare-and-set, and plan again what lost a race; then, for askers
+        that allow it, evict lower priorities for what still fits nowhere."""
+        await self._place_pinned(batch)
+        await self._place_usual(batch)
+        if any(a.left and a.request.preempt for a in batch):
+            await preempt_left(self, batch)
+
+    async def _place_usual(self, batch: list[_Asked]) -> None:
         for _ in range(ROUNDS):
             todo = [asked for asked in batch if asked.left]
             if not todo:
@@ -305,13 +365,19 @@ class SchedulerWorker:
                 for a, replica, _ in entries
             ),
         )
+        raw = bucket.encode(ledger)
+        self.ledgers.expect(node_id, ledger, raw)
         try:
             if current is None:
-                revision = await bucket.create(node_id, ledger)
+                revision = await bucket.create(node_id, ledger, raw=raw)
             else:
-                revision = await bucket.update(node_id, ledger, current.revision)
+                revision = await bucket.update(node_id, ledger, current.revision, raw=raw)
         except ConflictError:
+            self.ledgers.unexpect(node_id)
             await self._refresh(node_id)
+            raise
+        except BaseException:
+            self.ledgers.unexpect(node_id)
             raise
         self.ledgers.note_written(node_id, ledger, revision)
         self.accounts.set_ledger(node_id, ledger)
@@ -347,11 +413,17 @@ class SchedulerWorker:
             smaller = release(current.value, replicas)
             if smaller is None:
                 return
+            raw = bucket.encode(smaller)
+            self.ledgers.expect(node_id, smaller, raw)
             try:
-                revision = await bucket.update(node_id, smaller, current.revision)
+                revision = await bucket.update(node_id, smaller, current.revision, raw=raw)
             except ConflictError:
+                self.ledgers.unexpect(node_id)
                 await self._refresh(node_id)
                 continue
+            except BaseException:
+                self.ledgers.unexpect(node_id)
+                raise
             self.ledgers.note_written(node_id, smaller, revision)
             self.accounts.set_ledger(node_id, smaller)
             return
@@ -368,3 +440,11 @@ class SchedulerWorker:
                         await self._unbook(item.value.node, old)
                     except Exception as exc:
                         log.warning("could not free bookings on %s: %s", item.value.node, exc)
+
+
+def _unpinned(placed: Placed, why: str | None) -> Placed:
+    """A pinned replica the usual placement took: its reason says why the plan's node lost."""
+    if why is None:
+        return placed
+    reason = f"{why}; placed by the usual rules: {placed.reason}"
+    return placed.model_copy(update={"reason": reason})

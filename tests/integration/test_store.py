@@ -1,0 +1,170 @@
+"""`corral.bus.store` and `Acks` on a real nats-server: KV writes through the bus's reply
+subscription, and mirrors that fold each watched message in as it comes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, InvalidKeyError, NoStreamResponseError
+
+from corral.bus.connection import Bus
+from corral.bus.publishing import Acks
+from corral.bus.store import Bucket, Mirror, Versioned
+from corral.schemas.envelope import utcnow
+from corral.schemas.errors import ConflictError
+from corral.schemas.spec import Resources
+from corral.schemas.state import NodeStatus
+from tests.support import eventually
+
+
+def node(node_id: str, zone: str = "a") -> NodeStatus:
+    return NodeStatus(
+        id=node_id,
+        labels={"zone": zone},
+        capacity=Resources(cpu=2, memory=1 << 30),
+        heartbeat_at=utcnow(),
+        started_at=utcnow(),
+    )
+
+
+async def test_acks_return_the_sequence_and_raise_what_js_publish_raises(bus: Bus) -> None:
+    subject = bus.names.evt("service", "web", "tested")
+    first = await bus.acks.publish(subject, b"{}")
+    second = await bus.acks.publish(subject, b"{}")
+    assert second == first + 1
+    with pytest.raises(NoStreamResponseError):
+        await bus.acks.publish("no-stream-has-this.subject", b"{}")
+    with pytest.raises(APIError) as wrong:
+        await bus.acks.publish(subject, b"{}", {"Nats-Expected-Stream": "not-this-one"})
+    assert wrong.value.err_code is not None
+
+
+async def test_a_reply_that_never_comes_is_a_timeout(bus: Bus) -> None:
+    acks = Acks(bus.nc, timeout=0.3)
+    await acks.start()
+    try:
+        # a subscriber that answers nothing: the request is delivered, no ack comes back
+        silent = await bus.nc.subscribe("corral-test.silent")
+        with pytest.raises(NatsTimeoutError):
+            await acks.publish("corral-test.silent", b"x")
+        assert not acks._pending
+        await silent.unsubscribe()
+    finally:
+        await acks.stop()
+    with pytest.raises(RuntimeError):
+        await acks.publish("corral-test.silent", b"x")
+
+
+async def test_bucket_writes_keep_compare_and_set(bus: Bus) -> None:
+    nodes = bus.buckets.nodes
+    assert nodes.acks is bus.acks
+    revision = await nodes.create("n1", node("n1"))
+    with pytest.raises(ConflictError):
+        await nodes.create("n1", node("n1"))
+    newer = await nodes.update("n1", node("n1", "b"), revision)
+    assert newer > revision
+    with pytest.raises(ConflictError):
+        await nodes.update("n1", node("n1", "c"), revision)  # the revision moved on
+    put = await nodes.put("n1", node("n1", "d"))
+    assert put > newer
+    stored = await nodes.get("n1")
+    assert stored is not None
+    assert stored.value.labels == {"zone": "d"}
+    # a key deleted before can be created again (nats-py's tombstone dance)
+    await nodes.delete("n1")
+    again = await nodes.create("n1", node("n1", "e"))
+    assert again > put
+    with pytest.raises(InvalidKeyError):
+        await nodes.put("bad key", node("x"))
+    with pytest.raises(InvalidKeyError):
+        await nodes.put(".leading", node("x"))
+
+
+async def test_a_mirror_follows_writes_deletes_and_its_prefix(bus: Bus) -> None:
+    nodes = bus.buckets.nodes
+    await nodes.put("a.1", node("a.1"))
+    await nodes.put("b.1", node("b.1"))
+    seen: list[tuple[str, str | None]] = []
+    mirror: Mirror[NodeStatus] = Mirror(nodes, prefix="a.>")
+
+    def listener(key: str, item: Versioned[NodeStatus] | None) -> None:
+        seen.append((key, item.value.labels["zone"] if item is not None else None))
+
+    mirror.listen(listener)
+    await mirror.start(sync_within=5)
+    try:
+        assert mirror.synced.is_set()
+        assert set(mirror.items) == {"a.1"}  # the snapshot, within the prefix
+        await nodes.put("a.2", node("a.2", "z"))
+        await nodes.put("b.2", node("b.2"))
+        await eventually(lambda: "a.2" in mirror.items, within=5)
+        second = mirror.get("a.2")
+        assert second is not None
+        assert second.labels == {"zone": "z"}
+        await nodes.delete("a.1")
+        await eventually(lambda: "a.1" not in mirror.items, within=5)
+        assert ("a.2", "z") in seen
+        assert ("a.1", None) in seen
+        assert all(key.startswith("a.") for key, _ in seen)
+    finally:
+        await mirror.stop()
+
+
+async def test_an_empty_bucket_mirror_is_synced_at_once(bus: Bus) -> None:
+    mirror: Mirror[NodeStatus] = Mirror(bus.buckets.nodes, prefix="nothing-here.>")
+    await mirror.start(sync_within=5)
+    await mirror.stop()
+
+
+async def test_an_expected_write_is_taken_without_decoding(bus: Bus) -> None:
+    nodes = bus.buckets.nodes
+    decoded: list[bytes] = []
+
+    class Counting(Bucket[NodeStatus]):
+        def decode(self, raw: bytes) -> NodeStatus:
+            decoded.append(raw)
+            return super().decode(raw)
+
+    mirror: Mirror[NodeStatus] = Mirror(Counting(nodes.kv, NodeStatus, bus.acks))
+    await mirror.start(sync_within=5)
+    try:
+        mine = node("mine")
+        raw = nodes.encode(mine)
+        mirror.expect("mine", mine, raw)
+        await nodes.create("mine", mine, raw=raw)
+        # someone else's write of the same key with other bytes is decoded as usual
+        await nodes.put("other", node("other"))
+        await eventually(lambda: "other" in mirror.items and "mine" in mirror.items, within=5)
+        assert mirror.get("mine") is mine  # the very object: no decode
+        assert len(decoded) == 1
+        assert b'"other"' in decoded[0]
+        assert not mirror._expected
+        # a write that failed says so, and its bytes are no longer taken on trust
+        mirror.expect("later", mine, raw)
+        mirror.unexpect("later")
+        await nodes.put("later", mine)
+        await eventually(lambda: "later" in mirror.items, within=5)
+        assert mirror.get("later") is not mine
+        assert len(decoded) == 2
+    finally:
+        await mirror.stop()
+
+
+async def test_stop_wakes_a_sleeping_loop_at_once(bus: Bus) -> None:
+    from corral.bus.lifecycle import Loops
+
+    loops = Loops("test")
+    turns: list[int] = []
+
+    async def loop() -> None:
+        while await loops.sleep(3600):
+            turns.append(1)
+
+    loops.spawn(loop(), "sleeper")
+    await asyncio.sleep(0)
+    await asyncio.wait_for(loops.stop(), 2)
+    assert turns == []
+    assert not loops._sleepers
+    assert await loops.sleep(0.01) is False
