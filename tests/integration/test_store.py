@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import APIError, InvalidKeyError, NoStreamResponseError
+from support import eventually
 
 from corral.bus.connection import Bus
 from corral.bus.publishing import Acks
@@ -16,7 +17,6 @@ from corral.schemas.envelope import utcnow
 from corral.schemas.errors import ConflictError
 from corral.schemas.spec import Resources
 from corral.schemas.state import NodeStatus
-from tests.support import eventually
 
 
 def node(node_id: str, zone: str = "a") -> NodeStatus:

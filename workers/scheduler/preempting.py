@@ -17,7 +17,7 @@ import numpy as np
 
 from corral.schemas.errors import ConflictError
 from corral.schemas.placement import Eviction, Placed
-from corral.workers.scheduler.placement import ClassRequest, room_for
+from corral.workers.scheduler.placement import room_for
 from corral.workers.scheduler.preemption import NodePlan, Preemption, Running, preempt_batch
 
 if TYPE_CHECKING:
@@ -85,19 +85,7 @@ async def _rounds(worker: SchedulerWorker, batch: list[_Asked]) -> None:
         )
         if lowest is None or lowest >= max(a.request.rules().priority for a in todo):
             return  # nothing runs at a lower priority: the usual case, and cheap to tell
-        classes = [
-            (
-                ClassRequest.of(
-                    a.request.service,
-                    len(a.left),
-                    a.request.resources,
-                    a.request.rules(),
-                    a.request.driver,
-                ),
-                len(a.left),
-            )
-            for a in todo
-        ]
+        classes = [(a.asking(), len(a.left)) for a in todo]
         table = worker.table([a.request.service for a in todo])
         # only nodes that pass a class's hard rules can hold victims worth reading
         eligible: set[str] = set()

@@ -63,6 +63,13 @@ class _Asked:
     evictions: list[Eviction] = field(default_factory=list)
     """running replicas to evict first, so that some of `placed` fit (preemption)"""
 
+    def asking(self, count: int | None = None) -> ClassRequest:
+        """The request as a solver class of `count` replicas (by default, those left)."""
+        r = self.request
+        return ClassRequest.of(
+            r.service, len(self.left) if count is None else count, r.resources, r.rules(), r.driver
+        )
+
 
 class SchedulerWorker:
     name = "scheduler"
@@ -259,11 +266,7 @@ class SchedulerWorker:
             table = self.table([a.request.service for a in todo])
             per_node: dict[str, list[tuple[_Asked, str, str]]] = {}
             for asked in todo:
-                request = asked.request
-                rules = ClassRequest.of(
-                    request.service, 0, request.resources, request.rules(), request.driver
-                )
-                pinned = place_pinned(table, rules, list(asked.pins.items()))
+                pinned = place_pinned(table, asked.asking(0), list(asked.pins.items()))
                 for replica, why in pinned.refused.items():
                     del asked.pins[replica]
                     asked.unpinned[replica] = why
@@ -299,16 +302,7 @@ class SchedulerWorker:
             todo = [asked for asked in batch if asked.left]
             if not todo:
                 return
-            classes = [
-                ClassRequest.of(
-                    a.request.service,
-                    len(a.left),
-                    a.request.resources,
-                    a.request.rules(),
-                    a.request.driver,
-                )
-                for a in todo
-            ]
+            classes = [a.asking() for a in todo]
             table = self.table([a.request.service for a in todo])
             solutions = await self.executor.solve(classes, table)
             if not await self._commit(todo, solutions):
