@@ -5,6 +5,7 @@ Knative's KPA). A pure simulation on a simulated clock: no NATS, no processes.
     cd /work/main && .venv/bin/python bench/autoscale_replay.py      # about 2 s
     .venv/bin/python bench/autoscale_replay.py --seed 7              # another trace
     .venv/bin/python bench/autoscale_replay.py --seeds 1-20          # a line per trace
+    .venv/bin/python bench/autoscale_replay.py --smoothing two_speed # the opt-in two speeds
 
 - The trace: 30 minutes at 1 s; a baseline of 40 units with a slow +-20 % swell, three
   bursts of 3-5x lasting 1-3 minutes (10 s ramps), gaussian noise of 8 %; seeded.
@@ -12,7 +13,8 @@ Knative's KPA). A pure simulation on a simulated clock: no NATS, no processes.
   policy; a removal is immediate (a starting replica goes first).
 - Corral: `workers.autoscaler.policy.evaluate` with the spec defaults (`min: 1, max: 50`, one
   push metric `load` with target 10), evaluated on every sample as the worker does for push
-  metrics; every ready replica sends load / ready.
+  metrics; every ready replica sends load / ready. `--smoothing` sets
+  `behavior.smoothing.mode` (`off` by default).
 - HPA: every 15 s; a Pods metric (average per ready pod, against the target); tolerance 0.1;
   the highest recommendation of the last 300 s on the way down; up by at most
   max(100 %, 4 pods) per 15 s.

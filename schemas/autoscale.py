@@ -148,12 +148,61 @@ class ScaleDownRules(_Rules):
     )
 
 
+class Smoothing(_Strict):
+    """What each metric feeds the rules. `off`: every reading as it comes, as the HPA does at
+    each sync. `two_speed`: each metric's demand (the replicas it asks for, before rounding)
+    is averaged exponentially over `window`; a reading more than `burst` noise deviations
+    above the average is a burst, fed at once (less `discount` deviations); otherwise the rules
+    get the average plus a headroom of `burst` deviations, at most `headroom` replicas. The
+    scale-down window records only what the average asks for; a burst's recommendation is held
+    `hold` seconds (at most the scale-down window) after its last burst reading, then stays
+    only as far as the average confirms it. The noise is measured from the readings
+    themselves: the median difference of consecutive new readings (at least 1 s apart) over
+    the last minute."""
+
+    mode: Literal["off", "two_speed"] = Field(
+        default="off",
+        description="off: every reading as it comes (the HPA's behaviour); two_speed: an "
+        "average, and bursts at once",
+    )
+    window: Duration = Field(
+        default=150.0, gt=0, le=3600, description="two_speed: the average's time constant"
+    )
+    burst: float = Field(
+        default=3.0,
+        gt=0,
+        le=20,
+        description="two_speed: a reading this many noise deviations above the average is a "
+        "burst; also the headroom, in deviations",
+    )
+    discount: float = Field(
+        default=1.0,
+        ge=0,
+        le=20,
+        description="two_speed: noise deviations taken off a burst's reading before it is fed",
+    )
+    headroom: float = Field(
+        default=1.0,
+        ge=0,
+        le=MAX_REPLICAS,
+        description="two_speed: the most headroom over the average, in replicas",
+    )
+    hold: Duration = Field(
+        default=120.0,
+        ge=0,
+        le=3600,
+        description="two_speed: how long a burst's recommendation holds off a scale-down "
+        "(at most the scale-down window)",
+    )
+
+
 class Behavior(_Strict):
     tolerance: float = Field(
         default=0.1, ge=0, lt=1, description="no change while |1 - value/target| is within it"
     )
     scale_up: ScaleUpRules = Field(default_factory=ScaleUpRules)
     scale_down: ScaleDownRules = Field(default_factory=ScaleDownRules)
+    smoothing: Smoothing = Field(default_factory=Smoothing)
 
 
 def _subject_ok(subject: str) -> bool:

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from corral.schemas.autoscale import Autoscale, Behavior, ScaleDownRules, ScaleUpRules
+from corral.workers.autoscaler.smoothing import Track
 
 Events = tuple[tuple[float, int], ...]
 
@@ -26,15 +28,32 @@ class History:
     zeroed_at: float | None = None
     """when the policy last scaled the service to zero"""
     seeded: bool = False
+    tracks: tuple[Track, ...] = ()
+    """with `smoothing: two_speed`: each metric's average demand"""
+    burst: int = 0
+    """with `smoothing: two_speed`: the recommendation of the last burst, which holds off a
+    scale-down until `burst_until`"""
+    burst_until: float = -math.inf
 
 
 def stabilize(
-    desired: int, current: int, recommendations: Events, behavior: Behavior, now: float
+    desired: int,
+    current: int,
+    recommendations: Events,
+    behavior: Behavior,
+    now: float,
+    *,
+    recorded: int | None = None,
+    held: int | None = None,
 ) -> tuple[int, int, int, Events]:
-    """(stabilised, lowest of the up window, highest of the down window, new history)."""
+    """(stabilised, lowest of the up window, highest of the down window, new history).
+
+    `recorded`: what the windows keep of this evaluation, when not `desired` (the smoothed
+    recommendation under a burst's); `held`: a recommendation that still holds off a
+    scale-down (a burst's), as if it were in the down window."""
     up_cut = now - behavior.scale_up.stabilization_window
     down_cut = now - behavior.scale_down.stabilization_window
-    up, down = desired, desired
+    up, down = desired, max(desired, held if held is not None else desired)
     for at, value in recommendations:
         if at > up_cut:
             up = min(up, value)
@@ -45,11 +64,12 @@ def stabilize(
     result = min(result, down)
     oldest = min(up_cut, down_cut)
     kept = [(at, value) for at, value in recommendations if at > oldest]
+    keep = desired if recorded is None else recorded
     # a newer equal value outlives an older one in any trailing window: keep only the newer
-    if kept and kept[-1][1] == desired:
-        kept[-1] = (now, desired)
+    if kept and kept[-1][1] == keep:
+        kept[-1] = (now, keep)
     else:
-        kept.append((now, desired))
+        kept.append((now, keep))
     return result, up, down, tuple(kept)
 
 

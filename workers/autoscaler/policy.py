@@ -11,6 +11,10 @@ The algorithm is the Kubernetes HorizontalPodAutoscaler's (pkg/controller/podaut
    - a total (a queue backlog, a Prometheus total): desired = ceil(total / target), unless
      total / (target x current) is within the tolerance;
    - a value (Prometheus, `per_replica: false`): desired = ceil(value / target x ready).
+   With `behavior.smoothing.mode: two_speed` each metric's rule is fed its demand's average
+   plus a noise headroom, or a burst's reading at once (`smoothing`); the scale-down window
+   then records the average's recommendation, and a burst's holds off a scale-down for
+   `hold` seconds (at most the window).
 2. The largest proposal wins. No readable metric: nothing changes. Some missing and the rest
    would scale down: nothing changes.
 3. Stabilisation: the result is held between the lowest recommendation of the scale-up window
@@ -45,6 +49,7 @@ from corral.workers.autoscaler.pacing import (
     stabilize,
 )
 from corral.workers.autoscaler.proposals import Inputs, Reading, propose
+from corral.workers.autoscaler.smoothing import smooth
 
 __all__ = ["History", "Inputs", "Reading", "evaluate", "least_busy", "stabilize"]
 
@@ -70,6 +75,12 @@ def evaluate(
         propose(metric, reading, inputs, behavior.tolerance)
         for metric, reading in zip(policy.metrics, _pad(inputs.readings, policy), strict=True)
     ]
+    smoothed: list[int | None] | None = None
+    if behavior.smoothing.mode == "two_speed" and current > 0:
+        found, tracks, smoothed = smooth(
+            found, history.tracks, current, behavior.tolerance, behavior.smoothing, now
+        )
+        history = replace(history, tracks=tracks)
     proposals = [p.proposal for p in found]
     busy_metrics = [
         p.metric
@@ -139,7 +150,11 @@ def evaluate(
         idle = now - (active_at if active_at is not None else now)
         if idle >= policy.cooldown:
             zeroed = replace(
-                record(history, current, 0, policy, now), zeroed_at=now, recommendations=()
+                record(history, current, 0, policy, now),
+                zeroed_at=now,
+                recommendations=(),
+                tracks=(),
+                burst=0,
             )
             return decide(
                 zeroed,
@@ -193,25 +208,62 @@ def evaluate(
             recommended=recommended,
             recheck_after=_soonest(cooldown_left),
         )
+    recorded: int | None = None
+    held: int | None = None
+    if smoothed is not None:
+        # two-speed: the window records what the averages ask for; a burst's recommendation
+        # holds off a scale-down for `hold` seconds (at most the window) after its last burst
+        # reading
+        recorded = max(
+            (
+                r
+                for r, p in zip(smoothed, proposals, strict=True)
+                if r is not None and p.replicas is not None
+            ),
+            default=recommended,
+        )
+        if recommended > recorded:
+            still = history.burst if now < history.burst_until else 0
+            # never longer than the scale-down window
+            until = now + min(behavior.smoothing.hold, behavior.scale_down.stabilization_window)
+            history = replace(history, burst=max(recommended, still), burst_until=until)
+        if now < history.burst_until:
+            held = history.burst
+    down_cut = now - behavior.scale_down.stabilization_window
+    in_window = max((v for at, v in history.recommendations if at > down_cut), default=0)
     stabilized, up, down, recommendations = stabilize(
-        recommended, current, history.recommendations, behavior, now
+        recommended,
+        current,
+        history.recommendations,
+        behavior,
+        now,
+        recorded=recorded,
+        held=held,
     )
     history = replace(history, recommendations=recommendations)
     desired, limited_by, how = limit(stabilized, current, history, policy, floor, now)
+    burst_holds = held is not None and stabilized > max(in_window, recorded or 0, recommended)
     recheck = _soonest(
         cooldown_left,
         stabilization_ends(recommended, stabilized, history, behavior, now),
         limit_ends(limited_by, history, policy, now),
+        history.burst_until - now if burst_holds else None,
     )
     why = f"{top.metric}: {top.formula or top.note}"
     if stabilized != recommended:
-        window = (
-            f"the lowest recommendation of the last {behavior.scale_up.stabilization_window:g}s "
-            f"was {up}"
-            if recommended > current
-            else f"the highest recommendation of the last "
-            f"{behavior.scale_down.stabilization_window:g}s was {down}"
-        )
+        if recommended > current:
+            window = (
+                f"the lowest recommendation of the last "
+                f"{behavior.scale_up.stabilization_window:g}s was {up}"
+            )
+        elif burst_holds:
+            left = history.burst_until - now
+            window = f"a burst's recommendation of {held} holds for {left:g}s more"
+        else:
+            window = (
+                f"the highest recommendation of the last "
+                f"{behavior.scale_down.stabilization_window:g}s was {down}"
+            )
         why += f"; stabilised to {stabilized}: {window}"
     if limited_by:
         why += f"; limited to {desired}: {how}"

@@ -56,6 +56,13 @@ class Proposal:
     proposal: AutoscaleProposal
     held: bool = False
     """the metric asked for the current count because of the tolerance"""
+    demand: float | None = None
+    """the replicas asked for before rounding and the tolerance (None: no reading)"""
+    base: int = 0
+    """the count the tolerance measures `demand` against"""
+    partial: bool = False
+    """some running replicas sent no sample: the HPA's rule for them applies to this reading
+    as it is, and no other value fed changes it"""
 
 
 def _ceil(value: float) -> int:
@@ -101,12 +108,15 @@ def _per_replica(
     )
     missing = [r for r in live if r not in samples]
     if not missing:
+        demand, counts = ratio * reporting, reporting
         if abs(1 - ratio) <= tolerance + _EPSILON:
             note = f"within tolerance: |1 - {ratio:.3f}| <= {tolerance:g}"
-            return Proposal(base.model_copy(update={"note": note}), held=True)
+            held = base.model_copy(update={"note": note})
+            return Proposal(held, held=True, demand=demand, base=counts)
         wanted = _ceil(ratio * reporting)
         formula = f"ceil({average:g} / {target:g} x {reporting}) = {wanted}"
-        return Proposal(base.model_copy(update={"replicas": wanted, "formula": formula}))
+        asked = base.model_copy(update={"replicas": wanted, "formula": formula})
+        return Proposal(asked, demand=demand, base=counts)
     # replicas without a sample: 0 on the way up, the target on the way down, then again
     if ratio < 1:
         fill, assumed = target, "the target"
@@ -122,16 +132,19 @@ def _per_replica(
         f", counted as {assumed}: ratio {new_ratio:.3f}" if fill is not None else ""
     )
     flipped = (ratio < 1 < new_ratio) or (ratio > 1 > new_ratio)
+    demand, counts = new_ratio * counted, counted
     if abs(1 - new_ratio) <= tolerance + _EPSILON or flipped:
         why = "within tolerance" if not flipped else "the direction would change"
-        return Proposal(base.model_copy(update={"note": f"{note}; {why}"}), held=True)
+        held = base.model_copy(update={"note": f"{note}; {why}"})
+        return Proposal(held, held=True, partial=True, demand=demand, base=counts)
     wanted = _ceil(new_ratio * counted)
     if (new_ratio < 1 and wanted > current) or (new_ratio > 1 and wanted < current):
         note += "; the direction would change"
-        return Proposal(base.model_copy(update={"note": note}), held=True)
+        held = base.model_copy(update={"note": note})
+        return Proposal(held, held=True, partial=True, demand=demand, base=counts)
     formula = f"ceil({new_ratio:.3f} x {counted}) = {wanted}"
     update = {"replicas": wanted, "formula": formula, "note": note}
-    return Proposal(base.model_copy(update=update))
+    return Proposal(base.model_copy(update=update), partial=True, demand=demand, base=counts)
 
 
 def _total(metric: Metric, total: float, current: int, tolerance: float) -> Proposal:
@@ -147,10 +160,13 @@ def _total(metric: Metric, total: float, current: int, tolerance: float) -> Prop
     base = AutoscaleProposal(
         metric=metric.label(), value=total, target=target, ratio=ratio, replicas=current
     )
+    demand, counts = total / target, current
     if abs(1 - ratio) <= tolerance + _EPSILON:
         note = f"within tolerance: |1 - {total:g} / ({target:g} x {current})| <= {tolerance:g}"
-        return Proposal(base.model_copy(update={"note": note}), held=True)
-    return Proposal(base.model_copy(update={"replicas": wanted, "formula": formula}))
+        held = base.model_copy(update={"note": note})
+        return Proposal(held, held=True, demand=demand, base=counts)
+    asked = base.model_copy(update={"replicas": wanted, "formula": formula})
+    return Proposal(asked, demand=demand, base=counts)
 
 
 def _value(metric: Metric, value: float, inputs: Inputs, tolerance: float) -> Proposal:
@@ -163,11 +179,14 @@ def _value(metric: Metric, value: float, inputs: Inputs, tolerance: float) -> Pr
         wanted = _ceil(ratio)
         formula = f"ceil({value:g} / {target:g}) = {wanted}"
         return Proposal(base.model_copy(update={"replicas": wanted, "formula": formula}))
+    demand, counts = ratio * inputs.ready, inputs.ready
     if abs(1 - ratio) <= tolerance + _EPSILON:
         note = f"within tolerance: |1 - {ratio:.3f}| <= {tolerance:g}"
-        return Proposal(base.model_copy(update={"note": note}), held=True)
+        held = base.model_copy(update={"note": note})
+        return Proposal(held, held=True, demand=demand, base=counts)
     if inputs.ready == 0:
         return _missing(metric, "no ready replica to scale from yet")
     wanted = _ceil(ratio * inputs.ready)
     formula = f"ceil({value:g} / {target:g} x {inputs.ready} ready) = {wanted}"
-    return Proposal(base.model_copy(update={"replicas": wanted, "formula": formula}))
+    asked = base.model_copy(update={"replicas": wanted, "formula": formula})
+    return Proposal(asked, demand=demand, base=counts)
