@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -105,7 +105,50 @@ class QueueMetric(_Metric):
         return f"queue {self.stream}/{self.consumer}"
 
 
-Metric = Annotated[PushMetric | PrometheusMetric | QueueMetric, Field(discriminator="type")]
+class AlertMetric(_Strict):
+    """An Alertmanager alert, as the gateway publishes its webhook (one event per alert on
+    `<prefix>.evt.ext.alertmanager.<firing|resolved>`): while an alert named `alertname`
+    whose labels include every `match` label is firing, propose at least `replicas`. A
+    resolved notification, or an `endsAt` that has passed, ends it; with `expire_after`, so
+    does that long without a firing notification (set it above Alertmanager's
+    `repeat_interval`, for receivers that do not send resolved alerts)."""
+
+    type: Literal["alert"]
+    alertname: str = Field(min_length=1, max_length=255)
+    match: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")], str] = Field(
+        default_factory=dict,
+        max_length=20,
+        description="labels the alert must carry, with these exact values (e.g. service: web)",
+    )
+    replicas: int = Field(ge=1, le=MAX_REPLICAS, description="at least this many while firing")
+    expire_after: Duration | None = Field(
+        default=None,
+        gt=0,
+        le=7 * 86400,
+        description="a firing alert not notified again for this long no longer counts",
+    )
+    active_above: ClassVar[float] = 0.0
+    """a firing alert is work to do: it keeps a `min: 0` service up, and wakes it"""
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, value: dict[str, str]) -> dict[str, str]:
+        if "alertname" in value:
+            raise ValueError("put the alert's name in `alertname`, not in `match`")
+        return value
+
+    @property
+    def target(self) -> float:
+        return float(self.replicas)
+
+    def label(self) -> str:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(self.match.items()))
+        return f"alert {self.alertname}" + (f"{{{labels}}}" if labels else "")
+
+
+Metric = Annotated[
+    PushMetric | PrometheusMetric | QueueMetric | AlertMetric, Field(discriminator="type")
+]
 
 
 class ScalingPolicy(_Strict):
