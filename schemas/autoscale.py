@@ -336,9 +336,14 @@ class Autoscale(_Strict):
             if not pulled:
                 raise ValueError(
                     "with `min: 0`, nothing would wake the service once at zero: add an "
-                    "`activation`, or a queue or prometheus metric"
+                    "`activation`, or a queue, prometheus or alert metric"
                 )
         labels = [m.label() for m in self.metrics]
         if len(set(labels)) != len(labels):
             raise ValueError("each metric may appear once")
+        for m in self.metrics:
+            if isinstance(m, AlertMetric) and m.replicas > self.max:
+                raise ValueError(
+                    f"{m.label()} asks for {m.replicas} replicas, above max {self.max}"
+                )
         return self

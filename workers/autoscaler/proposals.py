@@ -16,10 +16,12 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from corral.schemas.autoscale import PrometheusMetric, PushMetric, QueueMetric
+from corral.schemas.autoscale import AlertMetric, PrometheusMetric, PushMetric, QueueMetric
 from corral.schemas.events import AutoscaleProposal
+from corral.workers.autoscaler.alerts import FiringAlert
+from corral.workers.autoscaler.alerts import propose as propose_alert
 
-Metric = PushMetric | PrometheusMetric | QueueMetric
+Metric = PushMetric | PrometheusMetric | QueueMetric | AlertMetric
 _EPSILON = 1e-9
 """ceil(3.0000000000000004) is 4, and 110 / 100 is 1.1000000000000001: float noise must not
 add a replica, nor step over the tolerance"""
@@ -33,6 +35,8 @@ class Reading:
     per_replica: Mapping[str, float] | None = None
     value: float | None = None
     error: str = ""
+    alerts: tuple[FiringAlert, ...] = ()
+    """an alert metric: the alerts firing now that match it"""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ def _missing(metric: Metric, why: str) -> Proposal:
 
 def propose(metric: Metric, reading: Reading, inputs: Inputs, tolerance: float) -> Proposal:
     """What one metric asks for (step 1)."""
+    if isinstance(metric, AlertMetric):
+        return Proposal(propose_alert(metric, reading.alerts, reading.error))
     if isinstance(metric, PushMetric):
         return _per_replica(metric, reading, inputs, tolerance)
     if reading.value is None:

@@ -3,8 +3,10 @@ their service at once (bursts within a few milliseconds are evaluated once); pul
 are read on an interval, which also re-evaluates every autoscaled service. A change is a
 `scale` command, sent like any other caller's; every decision is an event, and the recent ones
 are kept in KV for `corral autoscale status`. Pushed samples from before the replica count
-last changed no longer count: they measured the load over another count. One autoscaler holds
-the lease and decides; other copies keep collecting samples and stand by."""
+last changed no longer count: they measured the load over another count. Alertmanager alerts
+(the gateway's events, followed from the events stream's start) wake an evaluation of the
+services whose alert metrics they match. One autoscaler holds the lease and decides; other
+copies keep collecting samples and alerts, and stand by."""
 
 from __future__ import annotations
 
@@ -19,15 +21,25 @@ from typing import Any
 from faststream.nats import NatsBroker
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import DeliverPolicy
 
+from corral.bus.codec import decode
 from corral.bus.leases import Lease
 from corral.bus.lifecycle import Loops, unsubscribe_quietly
 from corral.bus.store import Mirror, Versioned
-from corral.schemas.autoscale import Autoscale, PrometheusMetric, PushMetric, QueueMetric
+from corral.schemas.autoscale import (
+    AlertMetric,
+    Autoscale,
+    PrometheusMetric,
+    PushMetric,
+    QueueMetric,
+)
 from corral.schemas.commands import ScaleCommand
 from corral.schemas.envelope import utcnow
+from corral.schemas.errors import InvalidInput
 from corral.schemas.events import AutoscaleDecision, ColdStartEvent
 from corral.schemas.state import LIVE_STATES, AutoscaleStatus, ReplicaStatus, ServiceRecord
+from corral.workers.autoscaler import alerts
 from corral.workers.autoscaler.policy import History, Inputs, Reading, evaluate
 from corral.workers.autoscaler.samples import SampleStore
 from corral.workers.autoscaler.sources import (
@@ -113,6 +125,12 @@ class AutoscalerWorker:
         self._poll_soon = asyncio.Event()
         self._warned_at = 0.0
         self._sub: Subscription | None = None
+        self.alerts = alerts.Firing()
+        """Alertmanager alerts firing now (`type: alert` metrics), by fingerprint"""
+        self.invalid_alerts = 0
+        self._alert_sub: Any = None
+        self.alerts_synced = False
+        """the alert events stored before the start are all read"""
         self.services.listen(self._on_service)
         self.replicas.listen(self._on_replica)
 
@@ -123,6 +141,7 @@ class AutoscalerWorker:
         self._sub = await self.bus.nc.subscribe(self.bus.names.metrics("*"), cb=self._on_metric)
         for mirror in (self.services, self.replicas):
             await mirror.start()
+        await self._follow_alerts()
         self.lease.start()
         self.loops.spawn(self._loop(), "evaluate")
         self.loops.spawn(self._poll(), "poll")
@@ -132,6 +151,9 @@ class AutoscalerWorker:
         if self._sub is not None:
             subs.append(self._sub)
         self._sub = None
+        if self._alert_sub is not None:
+            subs.append(self._alert_sub)
+        self._alert_sub = None
         self._activations.clear()
         for sub in subs:
             await unsubscribe_quietly(sub)
@@ -199,6 +221,89 @@ class AutoscalerWorker:
             log.warning(
                 "ignored a metric sample for %s (%d so far): %s", service, self.invalid_samples, why
             )
+
+    async def _follow_alerts(self) -> None:
+        """Follow the gateway's Alertmanager events: an ordered consumer on the events stream
+        from its start, so that a (re)started autoscaler knows the alerts still firing (the
+        stream keeps a week; Alertmanager repeats a firing notification every
+        `repeat_interval`). Without the stream, core NATS: new events only."""
+        subject = self.bus.names.evt(alerts.EXT, alerts.SOURCE, "*")
+        try:
+            sub = await self.bus.js.subscribe(
+                subject,
+                stream=self.bus.names.evt_stream,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+                cb=self._on_alert,
+                inactive_threshold=300.0,
+            )
+        except Exception as exc:
+            log.warning("alerts: no replay from the events stream (%s); new ones only", exc)
+            self._alert_sub = await self.bus.nc.subscribe(subject, cb=self._on_alert)
+            self._alerts_read()
+            return
+        self._alert_sub = sub
+        try:
+            info = await asyncio.wait_for(sub.consumer_info(), SOURCE_TIMEOUT)
+        except Exception as exc:  # unknown: better than holding every scale-down for ever
+            log.warning("alerts: how many are stored is unknown (%s); not waiting for them", exc)
+            self._alerts_read()
+            return
+        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+        if int(info.num_pending or 0) + int(delivered or 0) == 0:
+            self._alerts_read()  # nothing stored: nothing to wait for
+
+    def _alerts_read(self) -> None:
+        """The stored alert events are all read: alert metrics may now say "not firing"."""
+        if self.alerts_synced:
+            return
+        self.alerts_synced = True
+        for name in list(self.services.items):
+            found = self._policy(name)
+            if found is not None and any(isinstance(m, AlertMetric) for m in found[1].metrics):
+                self.mark(name, "alerts read")
+
+    async def _on_alert(self, msg: Msg) -> None:
+        """An Alertmanager alert, firing or resolved: fold it in, and evaluate at once the
+        services with an alert metric it matches. A bad event is logged and skipped."""
+        kind = msg.subject.rsplit(".", 1)[-1]
+        if not self.alerts_synced:
+            with contextlib.suppress(Exception):  # a core NATS message has no metadata
+                if msg.metadata.num_pending == 0:
+                    self._alerts_read()
+        try:
+            event = decode(msg.headers, msg.data)
+            sent_at = event.time
+            if sent_at is None:
+                try:
+                    sent_at = msg.metadata.timestamp
+                except Exception:  # a core NATS message: no JetStream metadata
+                    sent_at = utcnow()
+            change = alerts.parse(kind, event.data, sent_at)
+        except (InvalidInput, alerts.AlertError) as exc:
+            self.invalid_alerts += 1
+            now = time.monotonic()
+            if now - self._warned_at >= 10.0:
+                self._warned_at = now
+                log.warning(
+                    "ignored an alert event on %s (%d so far): %s",
+                    msg.subject,
+                    self.invalid_alerts,
+                    exc,
+                )
+            return
+        if not self.alerts.apply(change):
+            return
+        self._wake_for_alerts([change.alert], f"alert {change.alert.name} {change.status}")
+
+    def _wake_for_alerts(self, changed: list[alerts.FiringAlert], trigger: str) -> None:
+        for name in list(self.services.items):
+            found = self._policy(name)
+            if found is None:
+                continue
+            wanted = [m for m in found[1].metrics if isinstance(m, AlertMetric)]
+            if any(alerts.matches(m, a.labels) for m in wanted for a in changed):
+                self.mark(name, trigger)
 
     async def _on_service(self, key: str, item: Versioned[ServiceRecord] | None) -> None:
         await self._sync_activation(key)
@@ -413,6 +518,10 @@ class AutoscalerWorker:
         return decision
 
     def _reading(self, service: str, metric: Any, live: tuple[str, ...], now: float) -> Reading:
+        if isinstance(metric, AlertMetric):
+            if not self.alerts_synced:
+                return Reading(error="the stored alert events are still being read")
+            return Reading(alerts=self.alerts.matching(metric, utcnow()))
         if isinstance(metric, PushMetric):
             window = metric.max_age
             since_scale = now - self.scaled_at.get(service, float("-inf"))
@@ -494,6 +603,9 @@ class AutoscalerWorker:
                 for name in due:
                     self.mark(name, "poll")
                 self.samples.prune(now)
+                ended = self.alerts.prune(utcnow())
+                if ended:
+                    self._wake_for_alerts(ended, "alert ended")
                 for name, watch in list(self.cold.items()):
                     if now - watch.started > COLD_START_WITHIN:
                         del self.cold[name]
@@ -508,7 +620,7 @@ class AutoscalerWorker:
         if found is None:
             return
         policy = found[1]
-        pulled = [m for m in policy.metrics if not isinstance(m, PushMetric)]
+        pulled = [m for m in policy.metrics if isinstance(m, PrometheusMetric | QueueMetric)]
         readings = await asyncio.gather(*(self._read(m) for m in pulled))
         now = time.monotonic()
         table = self.pulled[service]
