@@ -706,7 +706,7 @@ async def bench_storm(
         t_ready = max(ready.values()) - t0 if len(ready) == services else None
 
         # after the fact: are there exactly `total` assignments, each service at `per`?
-        raw = await snapshot(ctx.bus.buckets.assignments.kv)
+        raw = await snapshot_all(ctx.bus.buckets.assignments)
         decoded = [ctx.bus.buckets.assignments.decode(v) for v in raw.values()]
         per_service = Counter(a.service for a in decoded if not a.draining)
         per_node = Counter(a.node for a in decoded)
@@ -796,11 +796,11 @@ async def diagnose_stuck(ctx: Context, host: Host, watch: StormWatch) -> list[st
     buckets = ctx.bus.buckets
     assigned = {
         a.replica: a
-        for a in map(buckets.assignments.decode, (await snapshot(buckets.assignments.kv)).values())
+        for a in map(buckets.assignments.decode, (await snapshot_all(buckets.assignments)).values())
     }
     statuses = {
         r.replica: r
-        for r in map(buckets.replicas.decode, (await snapshot(buckets.replicas.kv)).values())
+        for r in map(buckets.replicas.decode, (await snapshot_all(buckets.replicas)).values())
     }
     seen_running = {key.split(".", 1)[1] for key in watch.running}
     agents = {a.node_id: a for a in host.started if isinstance(a, AgentWorker)}
@@ -849,6 +849,14 @@ async def diagnose_stuck(ctx: Context, host: Host, watch: StormWatch) -> list[st
                     )
                 lines.append(line)
     return lines
+
+
+async def snapshot_all(bucket: Any, within: float = 10.0) -> dict[str, bytes]:
+    """`snapshot` over every KV bucket a (possibly split) `Bucket` keeps its keys in."""
+    out: dict[str, bytes] = {}
+    for kv in bucket.parts:
+        out.update(await snapshot(kv, within))
+    return out
 
 
 async def snapshot(kv: Any, within: float = 10.0) -> dict[str, bytes]:

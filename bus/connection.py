@@ -4,6 +4,7 @@ idempotently, typed buckets, and the event publisher."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from corral.bus import client
@@ -24,6 +25,7 @@ from corral.bus.names import Names
 from corral.bus.publishing import Acks
 from corral.bus.settings import Settings
 from corral.bus.store import Bucket
+from corral.schemas.errors import ConflictError
 from corral.schemas.rules import RuleRecord, RuleState
 from corral.schemas.state import (
     Assignment,
@@ -39,6 +41,11 @@ from corral.schemas.state import (
 log = logging.getLogger(__name__)
 DAY = 24 * 3600.0
 MANY_WATCHERS = 1_000_000
+ASSIGNMENT_PARTS = 16
+"""the assignments are split over this many buckets by a hash of the node id: every node's
+agent watches its prefix with a consumer, and nats-server checks every consumer of a stream
+on every message, so at 1,000 nodes one bucket cost it ~127 us per write (bench/README.md,
+`bus_costs.py`). Every process of a cluster must agree on it."""
 """consumers allowed on a bucket that every node watches (see `Bus._allow_consumers`)"""
 
 
@@ -129,10 +136,15 @@ class Bus:
                     discard=DiscardPolicy.OLD,
                 )
             )
+        parts = await asyncio.gather(
+            *(
+                self._bucket(n.assignment_part(k), watchers=MANY_WATCHERS)
+                for k in range(ASSIGNMENT_PARTS)
+            )
+        )
         kvs = await asyncio.gather(
             self._bucket(n.services, history=8),
             self._bucket(n.service_status),
-            self._bucket(n.assignments, watchers=MANY_WATCHERS),
             self._bucket(n.replicas, watchers=MANY_WATCHERS),
             self._bucket(n.nodes, ttl=3600.0),
             self._bucket(n.leases),
@@ -146,16 +158,37 @@ class Bus:
         self._buckets = Buckets(
             services=Bucket(kvs[0], ServiceRecord, self.acks),
             service_status=Bucket(kvs[1], ServiceStatus, self.acks),
-            assignments=Bucket(kvs[2], Assignment, self.acks),
-            replicas=Bucket(kvs[3], ReplicaStatus, self.acks),
-            nodes=Bucket(kvs[4], NodeStatus, self.acks),
-            health=Bucket(kvs[6], ServiceHealth, self.acks),
-            leases=kvs[5],
-            autoscale=Bucket(kvs[7], AutoscaleStatus, self.acks),
-            allocations=Bucket(kvs[8], NodeLedger, self.acks),
+            assignments=Bucket(
+                parts[0], Assignment, self.acks, parts=parts, name=n.assignments
+            ),
+            replicas=Bucket(kvs[2], ReplicaStatus, self.acks),
+            nodes=Bucket(kvs[3], NodeStatus, self.acks),
+            health=Bucket(kvs[5], ServiceHealth, self.acks),
+            leases=kvs[4],
+            autoscale=Bucket(kvs[6], AutoscaleStatus, self.acks),
+            allocations=Bucket(kvs[7], NodeLedger, self.acks),
             rules=Bucket(rules, RuleRecord, self.acks),
             rule_state=Bucket(rule_state, RuleState, self.acks),
         )
+        await self._migrate_assignments()
+
+    async def _migrate_assignments(self) -> None:
+        """Move the assignments of a Corral from before they were split (one bucket) into
+        their parts, then drop the old bucket. Every process runs it at start; a key already
+        in its part is left alone, so two at once do no harm."""
+        try:
+            legacy = await self.js.key_value(self.names.assignments)
+        except NotFoundError:
+            return
+        buckets = self.buckets
+        old = await Bucket(legacy, Assignment).items()
+        for key, item in old.items():
+            with contextlib.suppress(ConflictError):  # in its part already
+                await buckets.assignments.create(key, item.value)
+        if old:
+            log.info("moved %d assignments into %d buckets", len(old), ASSIGNMENT_PARTS)
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_key_value(self.names.assignments)
 
     async def _stream(self, config: StreamConfig) -> None:
         try:

@@ -33,7 +33,12 @@ class Names:
 
     @property
     def assignments(self) -> str:
+        """The name the assignments go by; they live in `assignment_part(k)` buckets (and
+        in this one bucket before they were split)."""
         return f"{self.prefix}-assignments"
+
+    def assignment_part(self, k: int) -> str:
+        return f"{self.prefix}-assignments-{k:02d}"
 
     @property
     def replicas(self) -> str:

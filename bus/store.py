@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -25,6 +27,7 @@ from corral.schemas.errors import ConflictError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
+U = TypeVar("U", bound=BaseModel)
 _EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 _EXPECT_ABSENT = {_EXPECTED_LAST: "0"}
 _WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -54,14 +57,45 @@ class Bucket(Generic[T]):
     """A KV bucket holding records of one model. Writes go through `acks` when given (the
     bus's cheaper publish path, see `Acks`), else through nats-py's KV client."""
 
-    def __init__(self, kv: KeyValue, model: type[T], acks: Acks | None = None) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        model: type[T],
+        acks: Acks | None = None,
+        *,
+        parts: Sequence[KeyValue] = (),
+        name: str = "",
+    ) -> None:
         self.kv = kv
         self.model = model
         self.acks = acks
+        self.parts: list[KeyValue] = list(parts) or [kv]
+        """the KV buckets that hold the keys: one, or several that split the keys by their
+        first token (see `part`)"""
+        self._name = name or str(kv._name)
 
     @property
     def name(self) -> str:
-        return str(self.kv._name)
+        return self._name
+
+    def part(self, key: str) -> KeyValue:
+        """The KV bucket that holds `key` (or a prefix `<first token>.>`): with several, the
+        one a CRC-32 of the key's first token picks, the same in every process."""
+        if len(self.parts) == 1:
+            return self.parts[0]
+        first = key.split(".", 1)[0]
+        return self.parts[zlib.crc32(first.encode()) % len(self.parts)]
+
+    def parts_for(self, prefix: str) -> list[KeyValue]:
+        """The KV buckets that may hold keys under `prefix`."""
+        first = prefix.split(".", 1)[0]
+        if len(self.parts) == 1 or "*" in first or ">" in first:
+            return list(self.parts)
+        return [self.part(first)]
+
+    def view(self, model: type[U]) -> Bucket[U]:
+        """The same buckets, read as another model (a projection of the records)."""
+        return Bucket(self.kv, model, self.acks, parts=self.parts, name=self._name)
 
     def decode(self, raw: bytes) -> T:
         return self.model.model_validate_json(raw)
@@ -72,7 +106,7 @@ class Bucket(Generic[T]):
 
     async def get(self, key: str) -> Versioned[T] | None:
         try:
-            entry = await self.kv.get(key)
+            entry = await self.part(key).get(key)
         except KeyNotFoundError:
             return None
         if entry.value is None or entry.revision is None or entry.operation in _DELETES:
@@ -91,7 +125,7 @@ class Bucket(Generic[T]):
                     return await self._write(key, data, _EXPECT_ABSENT)
                 except KeyWrongLastSequenceError:
                     pass  # present, or deleted (a tombstone): nats-py tells which
-            return int(await self.kv.create(key, data, msg_ttl=ttl))
+            return int(await self.part(key).create(key, data, msg_ttl=ttl))
         except KeyWrongLastSequenceError as exc:
             raise ConflictError(f"{self.name}/{key} already exists") from exc
 
@@ -101,7 +135,7 @@ class Bucket(Generic[T]):
         try:
             if self.acks is not None:
                 return await self._write(key, data, {_EXPECTED_LAST: str(revision)})
-            return int(await self.kv.update(key, data, last=revision))
+            return int(await self.part(key).update(key, data, last=revision))
         except KeyWrongLastSequenceError as exc:
             raise ConflictError(f"{self.name}/{key} changed since revision {revision}") from exc
 
@@ -109,7 +143,7 @@ class Bucket(Generic[T]):
         """Unconditional write; only for records whose single owner is the caller's node."""
         if self.acks is not None:
             return await self._write(key, self.encode(value), None)
-        return int(await self.kv.put(key, value.model_dump_json().encode()))
+        return int(await self.part(key).put(key, value.model_dump_json().encode()))
 
     async def _write(self, key: str, data: bytes, headers: dict[str, str] | None) -> int:
         """A KV write as nats-py's client makes it (the same subject, headers and errors),
@@ -118,7 +152,7 @@ class Bucket(Generic[T]):
         if not _valid_key(key):
             raise InvalidKeyError(key)
         try:
-            return await self.acks.publish(self.kv._pre + key, data, headers)
+            return await self.acks.publish(self.part(key)._pre + key, data, headers)
         except APIError as exc:
             if exc.err_code in _WRONG_LAST_SEQUENCE:
                 raise KeyWrongLastSequenceError(description=exc.description) from exc
@@ -126,12 +160,19 @@ class Bucket(Generic[T]):
 
     async def delete(self, key: str, revision: int | None = None) -> None:
         try:
-            await self.kv.delete(key, last=revision)
+            await self.part(key).delete(key, last=revision)
         except KeyWrongLastSequenceError as exc:
             raise ConflictError(f"{self.name}/{key} changed since revision {revision}") from exc
 
     async def items(self, prefix: str = ">") -> dict[str, Versioned[T]]:
         """A one-off snapshot of every live key under `prefix` (`a.>`), or all with `>`."""
+        found = await asyncio.gather(*(self._items(kv, prefix) for kv in self.parts_for(prefix)))
+        out: dict[str, Versioned[T]] = {}
+        for one in found:
+            out.update(one)
+        return out
+
+    async def _items(self, kv: KeyValue, prefix: str) -> dict[str, Versioned[T]]:
         out: dict[str, Versioned[T]] = {}
 
         def take(entry: KeyValue.Entry) -> None:
@@ -141,7 +182,7 @@ class Bucket(Generic[T]):
                 with contextlib.suppress(ValidationError):
                     out[entry.key] = Versioned(self.decode(entry.value), entry.revision)
 
-        watcher = await self.kv.watch(prefix)
+        watcher = await kv.watch(prefix)
         try:
             if await _watch_is_empty(watcher):
                 return out
@@ -207,8 +248,8 @@ class Mirror(Generic[T]):
         self.items: dict[str, Versioned[T]] = {}
         self.synced = asyncio.Event()
         self._listeners: list[Callable[[str, Versioned[T] | None], Awaitable[None] | None]] = []
-        self._sub: JetStreamContext.PushSubscription | None = None
-        self._pre = ""
+        self._subs: list[JetStreamContext.PushSubscription] = []
+        self._unsynced: set[int] = set()
         self._expected: dict[str, tuple[bytes, T]] = {}
 
     def listen(
@@ -228,25 +269,32 @@ class Mirror(Generic[T]):
         value of every key, as `KeyValue.watch` does, but each message is folded in as it
         arrives. nats-py's watcher builds metadata dataclasses, an entry and a queue hop for
         every message, which cost the deployer a tenth of its time at 100,000 replicas."""
-        kv = self.bucket.kv
-        self._pre = kv._pre
-        self._sub = await kv._js.subscribe(
-            kv._pre + self.prefix,
-            stream=kv._stream,
-            cb=self._on_msg,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            inactive_threshold=300.0,
-        )
-        info = await self._sub.consumer_info()
-        delivered = info.delivered.consumer_seq if info.delivered is not None else 0
-        if int(info.num_pending or 0) + int(delivered or 0) == 0:
-            self.synced.set()
+        parts = self.bucket.parts_for(self.prefix)
+        self._unsynced = set(range(len(parts)))
+        for index, kv in enumerate(parts):
+            sub = await kv._js.subscribe(
+                kv._pre + self.prefix,
+                stream=kv._stream,
+                cb=functools.partial(self._on_msg, kv._pre, index),
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                inactive_threshold=300.0,
+            )
+            self._subs.append(sub)
+            info = await sub.consumer_info()
+            delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+            if int(info.num_pending or 0) + int(delivered or 0) == 0:
+                self._part_synced(index)
         await asyncio.wait_for(self.synced.wait(), sync_within)
 
+    def _part_synced(self, index: int) -> None:
+        self._unsynced.discard(index)
+        if not self._unsynced:
+            self.synced.set()
+
     async def stop(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -273,7 +321,7 @@ class Mirror(Generic[T]):
         self._expected.pop(key, None)
         self.items.pop(key, None)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    async def _on_msg(self, pre: str, index: int, msg: Msg) -> None:
         try:
             revision, pending = _position(msg.reply)
         except (ValueError, IndexError):
@@ -288,13 +336,13 @@ class Mirror(Generic[T]):
                 # nats-server 2.11+ marks keys removed by a TTL or a purge this way
                 if headers[_MARKER] not in _MARKER_DELETES:
                     if pending == 0:
-                        self.synced.set()
+                        self._part_synced(index)
                     return
                 deleted = True
-        key = msg.subject[len(self._pre) :]
+        key = msg.subject[len(pre) :]
         changed, item = self._apply(key, revision, msg.data, deleted)
         if pending == 0:
-            self.synced.set()
+            self._part_synced(index)
         if not changed:
             return
         for listener in self._listeners:

@@ -7,16 +7,18 @@ import asyncio
 
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import APIError, InvalidKeyError, NoStreamResponseError
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import APIError, InvalidKeyError, NoStreamResponseError, NotFoundError
 from support import eventually
 
-from corral.bus.connection import Bus
+from corral.bus.connection import ASSIGNMENT_PARTS, Bus
 from corral.bus.publishing import Acks
+from corral.bus.settings import Settings
 from corral.bus.store import Bucket, Mirror, Versioned
 from corral.schemas.envelope import utcnow
 from corral.schemas.errors import ConflictError
 from corral.schemas.spec import Resources
-from corral.schemas.state import NodeStatus
+from corral.schemas.state import Assignment, NodeStatus, Template
 
 
 def node(node_id: str, zone: str = "a") -> NodeStatus:
@@ -168,3 +170,80 @@ async def test_stop_wakes_a_sleeping_loop_at_once(bus: Bus) -> None:
     assert turns == []
     assert not loops._sleepers
     assert await loops.sleep(0.01) is False
+
+
+def assignment(node_id: str, replica: str) -> Assignment:
+    return Assignment(
+        replica=replica,
+        service="web",
+        node=node_id,
+        generation=1,
+        template=Template(command=["sleep", "1"]),
+        assigned_at=utcnow(),
+    )
+
+
+async def test_assignments_are_split_over_buckets_by_node(bus: Bus) -> None:
+    bucket = bus.buckets.assignments
+    assert len(bucket.parts) == ASSIGNMENT_PARTS
+    assert bucket.name == bus.names.assignments
+    nodes = [f"n{i}" for i in range(40)]
+    for node_id in nodes:
+        await bucket.create(f"{node_id}.r1", assignment(node_id, "r1"))
+    used = {bucket.part(f"{node_id}.r1")._name for node_id in nodes}
+    assert len(used) > ASSIGNMENT_PARTS // 2  # 40 nodes spread over most of the 16
+    # a node's keys all live in one bucket, the one its prefix names
+    assert bucket.part("n7.r1") is bucket.part("n7.other") is bucket.parts_for("n7.>")[0]
+    assert len(bucket.parts_for(">")) == ASSIGNMENT_PARTS
+    assert set(await bucket.items()) == {f"{n}.r1" for n in nodes}
+    assert set(await bucket.items("n7.>")) == {"n7.r1"}
+    stored = await bucket.get("n7.r1")
+    assert stored is not None
+    with pytest.raises(ConflictError):
+        await bucket.update("n7.r1", assignment("n7", "r1"), stored.revision + 1000)
+    # a mirror of everything sees every part; a node's mirror sees its own keys only
+    everything: Mirror[Assignment] = Mirror(bucket)
+    mine: Mirror[Assignment] = Mirror(bucket, prefix="n7.>")
+    await everything.start(sync_within=5)
+    await mine.start(sync_within=5)
+    try:
+        assert len(everything.items) == 40
+        assert set(mine.items) == {"n7.r1"}
+        await bucket.create("n7.r2", assignment("n7", "r2"))
+        await bucket.delete("n8.r1")
+        await eventually(lambda: "n7.r2" in mine.items and "n7.r2" in everything.items, within=5)
+        await eventually(lambda: "n8.r1" not in everything.items, within=5)
+        assert set(mine.items) == {"n7.r1", "n7.r2"}
+    finally:
+        await everything.stop()
+        await mine.stop()
+
+
+async def test_assignments_of_the_single_bucket_move_into_their_parts(
+    settings: Settings,
+) -> None:
+    """A Corral from before the split kept every assignment in one bucket: the next start
+    moves them into their parts and drops it, and a second start finds nothing to do."""
+    first = await Bus.connect(settings, name="test-legacy")
+    try:
+        legacy = await first.js.create_key_value(
+            KeyValueConfig(bucket=first.names.assignments, storage=StorageType.FILE)
+        )
+        old = {f"m{i}.r{i}": assignment(f"m{i}", f"r{i}") for i in range(12)}
+        for key, value in old.items():
+            await legacy.put(key, value.model_dump_json().encode())
+    finally:
+        await first.close()
+    bus = await Bus.connect(settings, name="test-migrated")
+    try:
+        moved = await bus.buckets.assignments.items()
+        assert {k: v.value for k, v in moved.items()} == old
+        with pytest.raises(NotFoundError):
+            await bus.js.key_value(bus.names.assignments)
+    finally:
+        await bus.close()
+    again = await Bus.connect(settings, name="test-again")
+    try:
+        assert set(await again.buckets.assignments.items()) == set(old)
+    finally:
+        await again.close()

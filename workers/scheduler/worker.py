@@ -18,7 +18,7 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from corral.bus.lifecycle import Loops
-from corral.bus.store import Bucket, Mirror, Versioned
+from corral.bus.store import Mirror, Versioned
 from corral.schemas.errors import ConflictError
 from corral.schemas.placement import Eviction, Placed, PlacementReply, PlacementRequest
 from corral.schemas.state import (
@@ -80,7 +80,7 @@ class SchedulerWorker:
         self.nodes: Mirror[NodeStatus] = Mirror(buckets.nodes)
         # room is all the scheduler reads of an assignment: decode no more than that
         self.assignments: Mirror[AssignmentFootprint] = Mirror(
-            Bucket(buckets.assignments.kv, AssignmentFootprint)
+            buckets.assignments.view(AssignmentFootprint)
         )
         self.ledgers: Mirror[NodeLedger] = Mirror(buckets.allocations)
         self.services: Mirror[ServiceRecord] = Mirror(buckets.services)
