@@ -166,9 +166,13 @@ class Bucket(Generic[T]):
 
     async def items(self, prefix: str = ">") -> dict[str, Versioned[T]]:
         """A one-off snapshot of every live key under `prefix` (`a.>`), or all with `>`."""
-        found = await asyncio.gather(*(self._items(kv, prefix) for kv in self.parts_for(prefix)))
+        found = await asyncio.gather(
+            *(self._items(kv, prefix) for kv in self.parts_for(prefix)), return_exceptions=True
+        )
         out: dict[str, Versioned[T]] = {}
-        for one in found:
+        for one in found:  # every part is read to the end (or fails) before any error is raised
+            if isinstance(one, BaseException):
+                raise one
             out.update(one)
         return out
 

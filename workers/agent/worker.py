@@ -568,8 +568,9 @@ class AgentWorker:
             ready_at=replica_state.ready_at if replica_state else None,
         )
         # both go out at once, the status first (one connection keeps their order), and
-        # their acks are awaited together: one round trip per report instead of two
-        await asyncio.gather(
+        # their acks are awaited together: one round trip per report instead of two. Both
+        # are waited for even when one fails, so that neither is left running on its own.
+        outcomes = await asyncio.gather(
             self.bus.buckets.replicas.put(f"{assignment.service}.{assignment.replica}", status),
             self._event(
                 assignment.service,
@@ -583,7 +584,11 @@ class AgentWorker:
                 message=message,
                 correlation=assignment.correlation,
             ),
+            return_exceptions=True,
         )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _event(
         self,
