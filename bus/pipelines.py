@@ -23,7 +23,6 @@ from corral.bus.connection import DAY, Bus
 from corral.bus.store import Bucket
 from corral.schemas.runs import JobAssignment, RunRecord, StoredPipeline
 
-LOG_MAX_BYTES = 1024**3
 LOG_MAX_MSG = 256 * 1024
 ARTIFACTS_TTL = 30 * DAY
 
@@ -94,7 +93,7 @@ async def pipeline_store(bus: Bus) -> PipelineStore:
                 subjects=[f"{names.prefix}.log.>"],
                 retention=RetentionPolicy.LIMITS,
                 max_age=7 * DAY,
-                max_bytes=LOG_MAX_BYTES,
+                max_bytes=bus.settings.pipeline_log_bytes,
                 max_msg_size=LOG_MAX_MSG,
                 storage=StorageType.FILE,
                 discard=DiscardPolicy.OLD,

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description="`corral rebalance` shards its search over Ray tasks (by service) when the "
         "services it looks at hold more replicas than this",
     )
+    pipeline_log_bytes: int = Field(
+        default=1024**3,
+        ge=1024**2,
+        description="bytes the pipeline job log stream keeps (oldest dropped first); JetStream "
+        "reserves them on disk when the stream is created",
+    )
 
     @field_validator("node_id")
     @classmethod

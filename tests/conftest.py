@@ -49,6 +49,9 @@ def settings(nats_url: str, tmp_path: Path) -> Settings:
         node_grace=2.0,
         resync_interval=2.0,
         docker="off",
+        # every test has its own log stream, and JetStream reserves its size on disk: at the
+        # default (1 GiB) the session's server ran out of storage after ~50 of them
+        pipeline_log_bytes=16 * 1024**2,
     )
 
 

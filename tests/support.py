@@ -51,6 +51,7 @@ def corral_env(settings: Settings, **extra: str) -> dict[str, str]:
             "CORRAL_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval),
             "CORRAL_NODE_GRACE": str(settings.node_grace),
             "CORRAL_RESYNC_INTERVAL": str(settings.resync_interval),
+            "CORRAL_PIPELINE_LOG_BYTES": str(settings.pipeline_log_bytes),
             "COLUMNS": "200",
             "NO_COLOR": "1",
         }
