@@ -344,6 +344,12 @@ async def main(args: argparse.Namespace) -> int:
     finally:
         await asyncio.to_thread(server.stop)
         shutil.rmtree(root, ignore_errors=True)
+    return finish(rows, problems)
+
+
+def finish(rows: list[tuple[str, str, str, str]], problems: int) -> int:
+    """Print the table of `rows`, say whether tasks were left running, and give the exit
+    code: 1 when anything went wrong."""
     headers = ("measure", "Corral", "baseline (same run)", "goal")
     table = [headers, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(4)]

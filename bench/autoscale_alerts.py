@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from autoscale import Plane, guarded, ms, pct, reaction, say, until
+from autoscale import Plane, finish, guarded, ms, pct, reaction, say, until
 
 from corral.bus.codec import CORRELATION, encode
 from corral.bus.connection import Bus
@@ -226,19 +226,7 @@ async def main(args: argparse.Namespace) -> int:
     finally:
         await asyncio.to_thread(server.stop)
         shutil.rmtree(root, ignore_errors=True)
-    headers = ("measure", "Corral", "baseline (same run)", "goal")
-    table = [headers, *rows]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
-    print()
-    for index, row in enumerate(table):
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
-        if index == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    leaked = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    if leaked:
-        say(f"PROBLEM: tasks left running: {[t.get_name() for t in leaked]}")
-        problems += 1
-    return 1 if problems else 0
+    return finish(rows, problems)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

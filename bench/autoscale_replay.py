@@ -48,8 +48,9 @@ START_DELAY = 2.0
 BASELINE = 40.0
 
 
-def trace(seed: int) -> list[float]:
-    """Load per second: baseline, slow swell, bursts, noise."""
+def trace(seed: int, noise: float = 0.08) -> list[float]:
+    """Load per second: baseline, slow swell, bursts, gaussian noise of `noise` (0: the same
+    trace without its noise)."""
     rng = random.Random(seed)
     bursts = []
     for slot in range(3):  # one burst in each third of the trace, at a random place
@@ -64,7 +65,7 @@ def trace(seed: int) -> list[float]:
                 ramp = min(1.0, (t - start) / 10, (start + length - t) / 10)
                 factor = max(factor, 1 + (high - 1) * ramp)
         value = BASELINE * (1 + 0.2 * math.sin(2 * math.pi * t / 900)) * factor
-        load.append(max(0.0, value * (1 + rng.gauss(0, 0.08))))
+        load.append(max(0.0, value * (1 + rng.gauss(0, noise))))
     return load
 
 

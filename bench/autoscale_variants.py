@@ -74,21 +74,7 @@ HOLD = 15.0
 
 def clean(seed: int) -> list[float]:
     """The trace of `seed` without its noise: the same draws as `trace`, up to the noise."""
-    rng = random.Random(seed)
-    bursts = []
-    for slot in range(3):
-        length = rng.uniform(60, 180)
-        start = rng.uniform(slot * 600 + 30, slot * 600 + 600 - length - 30)
-        bursts.append((start, length, rng.uniform(3, 5)))
-    out = []
-    for t in range(DURATION):
-        factor = 1.0
-        for start, length, high in bursts:
-            if start <= t < start + length:
-                ramp = min(1.0, (t - start) / 10, (start + length - t) / 10)
-                factor = max(factor, 1 + (high - 1) * ramp)
-        out.append(BASELINE * (1 + 0.2 * math.sin(2 * math.pi * t / 900)) * factor)
-    return out
+    return trace(seed, noise=0.0)
 
 
 def paired(seed: int, gap: float) -> list[float]:
