@@ -8,8 +8,6 @@ to nats-py's own parser on arbitrary bytes) from one decode of the whole block.
 
 from __future__ import annotations
 
-from typing import Any
-
 from nats.aio.client import Client as NatsClient
 
 _CRLF = "\r\n"
@@ -45,10 +43,3 @@ class Client(NatsClient):
 
 if not hasattr(NatsClient, _HEADER_KEYS):  # pragma: no cover - a nats-py that moved it
     raise ImportError(f"nats-py's Client no longer has {_HEADER_KEYS}; review bus/client.py")
-
-
-async def connect(servers: str | list[str], **options: Any) -> Client:
-    """`nats.connect`, with this module's `Client`."""
-    nc = Client()
-    await nc.connect(servers, **options)
-    return nc

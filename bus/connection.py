@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass
 
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -17,14 +18,15 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
-from corral.bus import client
+from corral.bus.connecting import connect_first
 from corral.bus.names import Names
 from corral.bus.publishing import Acks
 from corral.bus.settings import Settings
 from corral.bus.store import Bucket
+from corral.bus.unreachable import jetstream_missing, redact_url
 from corral.schemas.errors import ConflictError
 from corral.schemas.rules import RuleRecord, RuleState
 from corral.schemas.state import (
@@ -78,18 +80,25 @@ class Bus:
         """the cheaper path for single JetStream publishes (KV writes, events)"""
 
     @classmethod
-    async def connect(cls, settings: Settings, *, name: str = "corral") -> Bus:
+    async def connect(
+        cls, settings: Settings, *, name: str = "corral", within: float | None = None
+    ) -> Bus:
+        """The first connection is retried for `within` seconds (default: the
+        `connect_timeout` setting), then `NatsUnreachableError`; once connected, reconnects
+        are unlimited (`corral.bus.connecting`)."""
         url = settings.resolved_url()
-        nc = await client.connect(
-            url,
-            name=name,
-            connect_timeout=5,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            error_cb=_log_error,
-        )
+        nc = await connect_first(url, name=name, within=within or settings.connect_timeout)
         bus = cls(nc, settings)
-        await bus.provision()
+        try:
+            await bus.provision()
+        except BaseException as exc:  # a failed or interrupted start leaves no connection
+            with contextlib.suppress(Exception):
+                await bus.acks.stop()
+            with contextlib.suppress(Exception):
+                await nc.close()
+            if isinstance(exc, ServiceUnavailableError | NoRespondersError):
+                raise jetstream_missing(redact_url(url), exc) from None
+            raise
         return bus
 
     @classmethod
@@ -109,7 +118,10 @@ class Bus:
     async def close(self) -> None:
         await self.acks.stop()
         if self._owns_connection and not self.nc.is_closed:
-            await self.nc.drain()
+            if self.nc.is_connected:
+                await self.nc.drain()
+            else:  # NATS is away (nats-py refuses to drain while reconnecting): just stop
+                await self.nc.close()
 
     async def provision(self) -> None:
         """Ensure every stream and bucket exists. Safe to run from every worker at once."""
@@ -226,7 +238,3 @@ class Bus:
             await self.js.update_stream(config)
         except BadRequestError as exc:
             log.warning("could not raise %s's consumer limit to %d: %s", stream, count, exc)
-
-
-async def _log_error(exc: Exception) -> None:
-    log.warning("nats: %s", exc)

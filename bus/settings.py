@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     nats_port: int = Field(default=4222, ge=0, le=65535)
     node_id: str = Field(default_factory=default_node_id)
     command_timeout: float = Field(default=30.0, gt=0)
+    connect_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="a process retries its first connection to NATS this long, then stops; "
+        "once connected it reconnects for ever",
+    )
     heartbeat_interval: float = Field(default=1.0, gt=0)
     node_grace: float = Field(default=3.0, gt=0)
     resync_interval: float = Field(default=10.0, gt=0)

@@ -21,7 +21,9 @@ from nats.errors import Error as NatsError
 from corral.bus.connection import Bus
 from corral.bus.embedded import EmbeddedNats, EmbeddedNatsError
 from corral.bus.settings import Settings
+from corral.bus.unreachable import NatsUnreachableError, redact_url
 from corral.schemas.spec import Resources
+from corral.services.interrupts import interruptible
 from corral.workers import NAMES as WORKERS
 from corral.workers.agent.drivers.base import Driver
 from corral.workers.agent.drivers.docker import DockerDriver, docker_client_or_none
@@ -157,17 +159,20 @@ async def serve(
     bus: Bus | None = None
     workers: list[Worker] = []
     try:
-        bus = await Bus.connect(settings, name="corral-workers")
-        ctx = Context(settings=settings, bus=bus)
-        workers = build(ctx)
-        broker = NatsBroker(
-            url,
-            logger=logging.getLogger("corral.broker"),
-            log_level=logging.DEBUG,
-            max_reconnect_attempts=-1,
-        )
-        for worker in workers:
-            worker.register(broker)
+        # until FastStream's handlers take over, Ctrl-C or SIGTERM stops the start at once
+        async with interruptible(f"connecting to NATS at {redact_url(url)}"):
+            bus = await Bus.connect(settings, name="corral-workers")
+            ctx = Context(settings=settings, bus=bus)
+            workers = build(ctx)
+            broker = NatsBroker(
+                url,
+                logger=logging.getLogger("corral.broker"),
+                log_level=logging.DEBUG,
+                max_reconnect_attempts=-1,
+            )
+            for worker in workers:
+                worker.register(broker)
+            await connect_broker(broker, settings)
         started: list[Worker] = []
 
         async def start_workers() -> None:
@@ -206,6 +211,22 @@ async def serve(
             await asyncio.to_thread(nats_server.stop)
         if lock is not None:
             os.close(lock)
+
+
+async def connect_broker(broker: NatsBroker, settings: Settings) -> None:
+    """FastStream's own connection, made before the broker starts so that it is bounded like
+    the bus's: NATS answered the bus a moment ago, but may have gone since. FastStream keeps
+    it, and its reconnects stay unlimited."""
+    try:
+        await asyncio.wait_for(broker.connect(), settings.connect_timeout)
+    except TimeoutError:
+        url = redact_url(settings.resolved_url())
+        raise NatsUnreachableError(
+            url,
+            f"NATS at {url} took the bus's connection but not the broker's within "
+            f"{settings.connect_timeout:g} s; is it restarting? CORRAL_CONNECT_TIMEOUT sets "
+            "how long to wait.",
+        ) from None
 
 
 def _lock_data_dir(data_dir: Path) -> int:
@@ -261,6 +282,7 @@ class Host:
         self.broker = NatsBroker(self.settings.resolved_url(), logger=None)
         for worker in self.workers:
             worker.register(self.broker)
+        await connect_broker(self.broker, self.settings)
         await self.broker.start()
         for worker in self.workers:
             await worker.start()

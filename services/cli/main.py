@@ -15,11 +15,13 @@ import typer
 from nats.errors import NoServersError
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from corral.bus.connection import Bus
 from corral.bus.embedded import EmbeddedNatsError
 from corral.bus.settings import Settings
+from corral.bus.unreachable import NatsUnreachableError
 from corral.schemas.errors import InvalidInput, field_errors_from_pydantic
 from corral.schemas.spec import Resources
 from corral.services.cli import client, render
@@ -32,6 +34,7 @@ from corral.services.cli.rules import rules_app
 from corral.services.cli.schema import export_schemas
 from corral.services.cli.sim import sim
 from corral.services.cli.specs import describe, load_service_spec
+from corral.services.interrupts import Interrupted
 from corral.workers import NAMES as WORKERS
 
 if TYPE_CHECKING:
@@ -90,6 +93,12 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         for line in describe(exc.errors):
             err.print(line)
         raise typer.Exit(2) from None
+    except NatsUnreachableError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+    except Interrupted as exc:
+        err.print(escape(str(exc)), highlight=False)
+        raise typer.Exit(exc.code) from None
     except (NoServersError, ConnectionRefusedError, OSError) as exc:
         err.print(
             f"[red]error:[/red] cannot reach NATS ({exc.__class__.__name__}: {exc}). "
@@ -103,13 +112,19 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(130) from None
 
 
+CLI_CONNECT_TIMEOUT = 10.0
+"""how long a short command waits for NATS unless CORRAL_CONNECT_TIMEOUT says: someone is
+waiting at a terminal, where a worker's 30 s would feel like a hang"""
+
+
+def _cli_connect_timeout(settings: Settings) -> float:
+    if "connect_timeout" in settings.model_fields_set:
+        return settings.connect_timeout
+    return min(settings.connect_timeout, CLI_CONNECT_TIMEOUT)
+
+
 async def _with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> T:
-    try:
-        bus = await asyncio.wait_for(Bus.connect(settings, name="corral-cli"), timeout=10)
-    except TimeoutError:
-        raise client.CliError(
-            f"timed out connecting to NATS at {settings.resolved_url()}"
-        ) from None
+    bus = await Bus.connect(settings, name="corral-cli", within=_cli_connect_timeout(settings))
     try:
         return await work(bus)
     finally:
