@@ -12,6 +12,7 @@ import re
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Generic, TypeVar
 
 from nats.aio.msg import Msg
@@ -212,17 +213,18 @@ class Bucket(Generic[T]):
         return out
 
 
-def _position(reply: str) -> tuple[int, int]:
-    """A delivered JetStream message's stream sequence (the key's revision) and how many
-    messages the consumer still has to deliver, from its reply subject:
+def _position(reply: str) -> tuple[int, int, int]:
+    """A delivered JetStream message's stream sequence (the key's revision), how many
+    messages the consumer still has to deliver, and when the stream stored it (ns since the
+    epoch), from its reply subject:
     `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`, or
     the newer form with `<domain>.<account hash>` after `$JS.ACK` (and a random token after)."""
     tokens = reply.split(".")
     if tokens[0] != "$JS" or tokens[1] != "ACK":
         raise ValueError(reply)
     if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[8])
-    return int(tokens[7]), int(tokens[10])
+        return int(tokens[5]), int(tokens[8]), int(tokens[7])
+    return int(tokens[7]), int(tokens[10]), int(tokens[9])
 
 
 async def _watch_is_empty(watcher: KeyValue.KeyWatcher) -> bool:
@@ -255,6 +257,8 @@ class Mirror(Generic[T]):
         self._subs: list[JetStreamContext.PushSubscription] = []
         self._unsynced: set[int] = set()
         self._expected: dict[str, tuple[bytes, T]] = {}
+        self._stored: dict[int, int] = {}
+        """part -> when the stream stored the last message read from it (ns since the epoch)"""
 
     def listen(
         self, listener: Callable[[str, Versioned[T] | None], Awaitable[None] | None]
@@ -267,6 +271,21 @@ class Mirror(Generic[T]):
 
     def values(self) -> list[T]:
         return [item.value for item in self.items.values()]
+
+    def as_of(self, now: datetime) -> datetime:
+        """The moment this mirror is up to date with: `now` when it has read every message
+        the bus delivered, otherwise when the bus stored the last one it read (those still
+        queued in this process are newer). Ages judged against it, such as a heartbeat's,
+        do not grow while a busy process falls behind its watch: 1,000 nodes all looked
+        silent to a scheduler three seconds behind, and it refused to place anything."""
+        behind = [
+            self._stored[index]
+            for index, sub in enumerate(self._subs)
+            if sub.pending_msgs > 0 and index in self._stored
+        ]
+        if not behind:
+            return now
+        return min(now, datetime.fromtimestamp(min(behind) / 1e9, tz=UTC))
 
     async def start(self, sync_within: float = 30.0) -> None:
         """Watch the bucket: an ordered consumer (nats-py resets it on a gap) from the last
@@ -327,10 +346,11 @@ class Mirror(Generic[T]):
 
     async def _on_msg(self, pre: str, index: int, msg: Msg) -> None:
         try:
-            revision, pending = _position(msg.reply)
+            revision, pending, stored = _position(msg.reply)
         except (ValueError, IndexError):
             log.warning("%s: a watched message without JetStream metadata", self.bucket.name)
             return
+        self._stored[index] = stored
         deleted = False
         headers = msg.headers
         if headers:

@@ -4,6 +4,7 @@ subscription, and mirrors that fold each watched message in as it comes."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -111,6 +112,42 @@ async def test_a_mirror_follows_writes_deletes_and_its_prefix(bus: Bus) -> None:
         assert ("a.1", None) in seen
         assert all(key.startswith("a.") for key, _ in seen)
     finally:
+        await mirror.stop()
+
+
+async def test_a_mirror_behind_its_watch_is_as_of_the_last_entry_it_read(bus: Bus) -> None:
+    """A mirror whose process has not yet read what the bus delivered says how far it got:
+    heartbeats judged against that do not all look stale while a busy worker catches up."""
+    nodes = bus.buckets.nodes
+    mirror: Mirror[NodeStatus] = Mirror(nodes, prefix="lag.>")
+    gate = asyncio.Event()
+    holding = asyncio.Event()
+
+    async def slow(key: str, item: Versioned[NodeStatus] | None) -> None:
+        if key == "lag.first":
+            holding.set()
+            await gate.wait()  # the mirror stops reading here, as a busy process would
+
+    mirror.listen(slow)
+    await mirror.start(sync_within=5)
+    try:
+        assert mirror.as_of(utcnow()) <= utcnow()
+        before = utcnow()
+        await nodes.put("lag.first", node("lag.first"))
+        written = utcnow()
+        await eventually(holding.is_set, within=5)
+        await nodes.put("lag.second", node("lag.second"))
+        await nodes.put("lag.third", node("lag.third"))
+        await eventually(lambda: mirror._subs[0].pending_msgs > 0, within=5)
+        later = written + timedelta(seconds=60)  # as if the backlog were a minute old
+        seen = mirror.as_of(later)
+        # the moment the stream stored the entry being read (clocks to the millisecond)
+        assert before - timedelta(milliseconds=50) <= seen <= written + timedelta(milliseconds=50)
+        gate.set()
+        await eventually(lambda: "lag.third" in mirror.items, within=5)
+        await eventually(lambda: mirror.as_of(later) == later, within=5)
+    finally:
+        gate.set()
         await mirror.stop()
 
 

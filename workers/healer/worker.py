@@ -157,7 +157,7 @@ class HealerWorker:
                 log.exception("healer check failed; will try again")
 
     async def _check_nodes(self, grace: float) -> None:
-        now = utcnow()
+        now = self.nodes.as_of(utcnow())  # behind a backlog, heartbeats only look old
         silent = {n.id for n in self.nodes.values() if not is_alive(n, now, grace)}
         if self._silent is None:
             # just took over: what was already silent is old news, not a new loss

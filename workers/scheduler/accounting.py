@@ -35,7 +35,8 @@ class Accounts:
         self.totals: dict[str, int] = defaultdict(int)
         self.by_service: dict[str, dict[str, int]] = defaultdict(dict)
         """service -> node -> replicas (the same counts as `services`, the other way round)"""
-        self._ledger_keys: dict[str, set[str]] = defaultdict(set)
+        self._ledger_replicas: dict[str, set[str]] = defaultdict(set)
+        """node -> the replicas its ledger books, as last folded in"""
 
     def _apply(self, usage: Usage, sign: int) -> None:
         alloc = self.allocated[usage.node]
@@ -68,15 +69,18 @@ class Accounts:
     def set_ledger(self, node: str, ledger: NodeLedger | None) -> None:
         """Fold in a node's ledger as it is now (None: deleted)."""
         bookings = ledger.bookings if ledger is not None else {}
-        now = {f"{node}.{replica}" for replica in bookings}
-        for key in self._ledger_keys[node] - now:
-            self._set(self.booked, self.assigned, key, None)
-        for replica, booking in bookings.items():
+        before = self._ledger_replicas[node]
+        now = set(bookings)
+        # a ledger grows by a batch at a time: only what changed is looked at one by one
+        for replica in before - now:
+            self._set(self.booked, self.assigned, f"{node}.{replica}", None)
+        for replica in now - before:
             key = f"{node}.{replica}"
             if key not in self.booked:
+                booking = bookings[replica]
                 usage = Usage(booking.service, node, booking.resources)
                 self._set(self.booked, self.assigned, key, usage)
-        self._ledger_keys[node] = now
+        self._ledger_replicas[node] = now
 
     def view(self, node: NodeStatus, ready: bool) -> NodeView:
         return NodeView(
@@ -94,10 +98,11 @@ class Accounts:
 def book(
     ledger: NodeLedger | None, node: str, bookings: Iterable[tuple[str, Booking]]
 ) -> NodeLedger:
-    """The ledger with more bookings added."""
+    """The ledger with more bookings added (built from records that are already valid, so
+    not checked again: a ledger holds every booking on its node)."""
     current = dict(ledger.bookings) if ledger is not None else {}
     current.update(bookings)
-    return NodeLedger(node=node, bookings=current)
+    return NodeLedger.model_construct(node=node, bookings=current)
 
 
 def release(ledger: NodeLedger, replicas: Iterable[str]) -> NodeLedger | None:
@@ -106,7 +111,7 @@ def release(ledger: NodeLedger, replicas: Iterable[str]) -> NodeLedger | None:
     if not gone:
         return None
     left = {r: b for r, b in ledger.bookings.items() if r not in gone}
-    return NodeLedger(node=ledger.node, bookings=left)
+    return NodeLedger.model_construct(node=ledger.node, bookings=left)
 
 
 def stale(ledger: NodeLedger, assigned: set[str], now: datetime, ttl: float) -> list[str]:

@@ -216,7 +216,9 @@ class SchedulerWorker:
         readiness and the replicas of `services` (and of the services they avoid, or that
         avoid them) are read fresh. None: every service."""
         grace = self.ctx.settings.node_grace
-        now = datetime.now(UTC)
+        # heartbeats are judged against what the watch has read: behind a backlog, every
+        # node would otherwise look silent
+        now = self.nodes.as_of(datetime.now(UTC))
         nodes = sorted(self.nodes.values(), key=lambda n: n.id)
         if self._template is None or self._template.ids != [n.id for n in nodes]:
             self._template = NodeTable.build(
@@ -351,13 +353,16 @@ class SchedulerWorker:
     ) -> bool:
         bucket = self.ctx.bus.buckets.allocations
         current = self.ledgers.items.get(node_id)
+        # the replicas of one request book the same thing: one record serves them all
+        same: dict[int, Booking] = {}
+        for a, _, _ in entries:
+            if id(a) not in same:
+                request = a.request
+                same[id(a)] = Booking(service=request.service, resources=request.resources, at=now)
         ledger = book(
             current.value if current is not None else None,
             node_id,
-            (
-                (replica, Booking(service=a.request.service, resources=a.request.resources, at=now))
-                for a, replica, _ in entries
-            ),
+            ((replica, same[id(a)]) for a, replica, _ in entries),
         )
         raw = bucket.encode(ledger)
         self.ledgers.expect(node_id, ledger, raw)
