@@ -23,6 +23,7 @@ from nats.js.errors import APIError, InvalidKeyError, KeyNotFoundError, KeyWrong
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
 
+from corral.bus import flow
 from corral.bus.publishing import Acks
 from corral.schemas.errors import ConflictError
 
@@ -145,6 +146,16 @@ class Bucket(Generic[T]):
         if self.acks is not None:
             return await self._write(key, self.encode(value), None)
         return int(await self.part(key).put(key, value.model_dump_json().encode()))
+
+    async def send(self, key: str, value: T) -> None:
+        """An unconditional write that asks for no ack: the stream stores it all the same,
+        but nobody learns whether it did. Only for a record rewritten on a period by its
+        single owner, where the next write supersedes a lost one (heartbeats): a thousand
+        nodes' acks cost their host's process a tenth of a core."""
+        if not _valid_key(key):
+            raise InvalidKeyError(key)
+        kv = self.part(key)
+        await kv._js._nc.publish(kv._pre + key, self.encode(value))
 
     async def _write(self, key: str, data: bytes, headers: dict[str, str] | None) -> int:
         """A KV write as nats-py's client makes it (the same subject, headers and errors),
@@ -304,6 +315,7 @@ class Mirror(Generic[T]):
                 inactive_threshold=300.0,
             )
             self._subs.append(sub)
+            flow.adopt(sub)
             info = await sub.consumer_info()
             delivered = info.delivered.consumer_seq if info.delivered is not None else 0
             if int(info.num_pending or 0) + int(delivered or 0) == 0:
@@ -318,6 +330,7 @@ class Mirror(Generic[T]):
     async def stop(self) -> None:
         subs, self._subs = self._subs, []
         for sub in subs:
+            await flow.release(sub)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 

@@ -12,6 +12,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError, InvalidKeyError, NoStreamResponseError, NotFoundError
 from support import eventually
 
+from corral.bus import flow
 from corral.bus.connection import ASSIGNMENT_PARTS, Bus
 from corral.bus.publishing import Acks
 from corral.bus.settings import Settings
@@ -83,6 +84,20 @@ async def test_bucket_writes_keep_compare_and_set(bus: Bus) -> None:
         await nodes.put("bad key", node("x"))
     with pytest.raises(InvalidKeyError):
         await nodes.put(".leading", node("x"))
+
+
+async def test_send_writes_without_an_ack_and_checks_the_key(bus: Bus) -> None:
+    nodes = bus.buckets.nodes
+    await nodes.send("sent.1", node("sent.1", "first"))
+    await nodes.send("sent.1", node("sent.1", "second"))  # the newest wins
+
+    async def stored() -> bool:
+        found = await nodes.get("sent.1")
+        return found is not None and found.value.labels["zone"] == "second"
+
+    await eventually(stored, within=5, what="the unacked write stored")
+    with pytest.raises(InvalidKeyError):
+        await nodes.send("no spaces", node("x"))
 
 
 async def test_a_mirror_follows_writes_deletes_and_its_prefix(bus: Bus) -> None:
@@ -284,3 +299,41 @@ async def test_assignments_of_the_single_bucket_move_into_their_parts(
         assert set(await again.buckets.assignments.items()) == set(old)
     finally:
         await again.close()
+
+
+async def test_mirrors_answer_flow_control_from_one_shared_task(bus: Bus) -> None:
+    """The ordered consumers of mirrors have no flow-control task of their own (one shared
+    task per event loop stands in), and a burst larger than the server lets a push consumer
+    have outstanding, read slowly, still arrives whole: the server's flow control requests
+    are answered."""
+    nodes = bus.buckets.nodes
+    first: Mirror[NodeStatus] = Mirror(nodes, prefix="fc1.>")
+    second: Mirror[NodeStatus] = Mirror(nodes, prefix="fc2.>")
+    gate = asyncio.Event()
+
+    async def slow(key: str, item: Versioned[NodeStatus] | None) -> None:
+        await gate.wait()
+
+    first.listen(slow)
+    await first.start(sync_within=5)
+    await second.start(sync_within=5)
+    answerer = flow._ANSWERERS[asyncio.get_running_loop()]
+    try:
+        subs = [*first._subs, *second._subs]
+        assert all(sub in answerer.subs for sub in subs)
+        assert all(flow._state(sub)._fctask is None for sub in subs)  # no task of their own
+        assert answerer.task is not None
+        assert not answerer.task.done()
+        big = {f"k{i}": "x" * 4000 for i in range(4)}
+        count = 600  # ~10 MB
+        for i in range(count):
+            value = node(f"fc1.n{i}").model_copy(update={"labels": big})
+            await nodes.put(f"fc1.n{i}", value)
+        gate.set()
+        await eventually(lambda: len(first.items) == count, within=10, what="every entry")
+    finally:
+        gate.set()
+        await first.stop()
+        await second.stop()
+    assert not answerer.subs
+    assert answerer.task is None

@@ -34,6 +34,9 @@ JITTER = 0.1
 not all come back in the same instant"""
 HEARTBEATS_IN_FLIGHT = 3
 """heartbeats awaiting their ack at once; past that a beat is skipped"""
+ACK_EVERY = 10
+"""one heartbeat in this many asks the bus for an ack (so a bus that stopped storing them is
+noticed and logged); the others are sent without one: the next beat supersedes a lost one"""
 RECONCILES_IN_FLIGHT = 2048
 """replica reconciles under way at once in one process (shared by the agents it hosts)"""
 _SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
@@ -233,7 +236,7 @@ class AgentWorker:
         async with _slots():
             await self._reconcile(replica)
 
-    async def _heartbeat_once(self) -> None:
+    async def _heartbeat_once(self, *, acked: bool = True) -> None:
         status = NodeStatus(
             id=self.node_id,
             labels=self.labels,
@@ -243,15 +246,24 @@ class AgentWorker:
             heartbeat_at=utcnow(),
             started_at=self._started_at,
         )
-        await self.bus.buckets.nodes.put(self.node_id, status)
+        if acked:
+            await self.bus.buckets.nodes.put(self.node_id, status)
+        else:
+            await self.bus.buckets.nodes.send(self.node_id, status)
 
     async def _heartbeat(self) -> None:
-        """One heartbeat per interval, each in its own task: on a busy bus an ack can take
-        seconds, and waiting for it before the next beat stretched the period past the grace,
-        so live nodes were declared lost (a few beats may be in flight; the newest wins)."""
+        """One heartbeat per interval. Most go without an ack (ACK_EVERY); one in ten asks
+        for one, in a task of its own: on a busy bus an ack can take seconds, and waiting for
+        it before the next beat stretched the period past the grace, so live nodes were
+        declared lost (a few beats may be in flight; the newest wins)."""
         in_flight: set[asyncio.Task[None]] = set()
+        beats = 0
         try:
             while await self.loops.sleep(self.ctx.settings.heartbeat_interval):
+                beats += 1
+                if beats % ACK_EVERY:
+                    await self._beat(acked=False)
+                    continue
                 if len(in_flight) >= HEARTBEATS_IN_FLIGHT:
                     continue
                 task = asyncio.create_task(self._beat(), name=f"heartbeat:{self.node_id}")
@@ -262,9 +274,9 @@ class AgentWorker:
                 task.cancel()
             await asyncio.gather(*in_flight, return_exceptions=True)
 
-    async def _beat(self) -> None:
+    async def _beat(self, *, acked: bool = True) -> None:
         try:
-            await self._heartbeat_once()
+            await self._heartbeat_once(acked=acked)
         except Exception as exc:
             log.warning("%s: heartbeat failed: %s", self.node_id, exc)
 
