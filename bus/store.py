@@ -71,6 +71,8 @@ class Bucket(Generic[T]):
         self.kv = kv
         self.model = model
         self.acks = acks
+        self.shared: tuple[Mirror[T], set[SharedMirror[T]]] | None = None
+        """the whole-bucket mirror that this process's `SharedMirror`s read, and who uses it"""
         self.parts: list[KeyValue] = list(parts) or [kv]
         """the KV buckets that hold the keys: one, or several that split the keys by their
         first token (see `part`)"""
@@ -276,6 +278,12 @@ class Mirror(Generic[T]):
     ) -> None:
         self._listeners.append(listener)
 
+    def unlisten(
+        self, listener: Callable[[str, Versioned[T] | None], Awaitable[None] | None]
+    ) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def get(self, key: str) -> T | None:
         item = self.items.get(key)
         return item.value if item else None
@@ -413,3 +421,79 @@ class Mirror(Generic[T]):
             return False, None
         self.items[key] = item
         return True, item
+
+
+class SharedMirror(Mirror[T]):
+    """A worker's view of the one mirror of a whole bucket that the workers of a process
+    share. `corral up` hosts the scheduler, deployer, healer and pipeline workers in one
+    process, and each watched `corral-nodes` itself: every heartbeat was delivered and
+    decoded four times. Reads (`items`, `get`, `as_of`, `note_written`) go to the shared
+    mirror; listeners stay this view's own, are told what the mirror already holds when the
+    view starts (as its own watch would have), and leave with it. The last view to stop
+    stops the watch."""
+
+    def __init__(self, bucket: Bucket[T]) -> None:
+        super().__init__(bucket)
+        self._shared: Mirror[T] | None = None
+
+    async def start(self, sync_within: float = 30.0) -> None:
+        if self._shared is not None:
+            return
+        found = self.bucket.shared
+        if found is None:
+            found = self.bucket.shared = (Mirror(self.bucket), set())
+        mirror, users = found
+        first = not users
+        users.add(self)
+        self._shared = mirror
+        self.items = mirror.items
+        self.synced = mirror.synced
+        try:
+            if first:
+                for listener in self._listeners:
+                    mirror.listen(listener)
+                await mirror.start(sync_within)
+                return
+            await asyncio.wait_for(mirror.synced.wait(), sync_within)
+            for listener in self._listeners:
+                mirror.listen(listener)
+            for key in list(mirror.items):
+                item = mirror.items.get(key)  # as it is now: a live change may have come
+                if item is None:
+                    continue
+                for listener in self._listeners:
+                    try:
+                        result = listener(key, item)
+                        if result is not None:
+                            await result
+                    except Exception:
+                        log.exception("listener failed on %s/%s", self.bucket.name, key)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        mirror, self._shared = self._shared, None
+        if mirror is None:
+            return
+        for listener in self._listeners:
+            mirror.unlisten(listener)
+        self.items = dict(mirror.items)
+        self.synced = asyncio.Event()
+        found = self.bucket.shared
+        if found is None or found[0] is not mirror:
+            return
+        found[1].discard(self)
+        if not found[1]:
+            self.bucket.shared = None
+            await mirror.stop()
+
+    def as_of(self, now: datetime) -> datetime:
+        return self._shared.as_of(now) if self._shared is not None else now
+
+    def note_written(self, key: str, value: T, revision: int) -> None:
+        if self._shared is not None:
+            self._shared.note_written(key, value, revision)
+        else:
+            super().note_written(key, value, revision)
+

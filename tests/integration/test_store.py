@@ -16,7 +16,7 @@ from corral.bus import flow
 from corral.bus.connection import ASSIGNMENT_PARTS, Bus
 from corral.bus.publishing import Acks
 from corral.bus.settings import Settings
-from corral.bus.store import Bucket, Mirror, Versioned
+from corral.bus.store import Bucket, Mirror, SharedMirror, Versioned
 from corral.schemas.envelope import utcnow
 from corral.schemas.errors import ConflictError
 from corral.schemas.spec import Resources
@@ -337,3 +337,45 @@ async def test_mirrors_answer_flow_control_from_one_shared_task(bus: Bus) -> Non
         await second.stop()
     assert not answerer.subs
     assert answerer.task is None
+
+
+async def test_workers_of_a_process_share_one_mirror_of_a_bucket(bus: Bus) -> None:
+    """Views start one watch between them; a view that starts later is told what is already
+    there, as its own watch would have told it; the watch ends with the last view."""
+    nodes = bus.buckets.nodes
+    await nodes.put("sh.1", node("sh.1"))
+    first: Mirror[NodeStatus] = SharedMirror(nodes)
+    second: Mirror[NodeStatus] = SharedMirror(nodes)
+    seen_first: list[str] = []
+    seen_second: list[str] = []
+    first.listen(lambda key, item: seen_first.append(key))
+    second.listen(lambda key, item: seen_second.append(key))
+    await first.start(sync_within=5)
+    try:
+        assert nodes.shared is not None
+        shared, users = nodes.shared
+        assert users == {first}
+        assert "sh.1" in first.items
+        assert "sh.1" in seen_first
+        await nodes.put("sh.2", node("sh.2"))
+        await eventually(lambda: "sh.2" in first.items, within=5)
+        await second.start(sync_within=5)
+        assert nodes.shared == (shared, {first, second})  # still one watch
+        assert second.items is first.items
+        assert {"sh.1", "sh.2"} <= set(seen_second)  # told what was there
+        await nodes.put("sh.3", node("sh.3"))
+        await eventually(lambda: "sh.3" in seen_first and "sh.3" in seen_second, within=5)
+        # a write one view learns of is what every view reads
+        later = node("sh.3", "later")
+        second.note_written("sh.3", later, 10**9)
+        assert first.get("sh.3") == later
+        await first.stop()
+        assert nodes.shared == (shared, {second})
+        await nodes.put("sh.4", node("sh.4"))
+        await eventually(lambda: "sh.4" in seen_second, within=5)
+        assert "sh.4" not in seen_first  # a stopped view hears nothing more
+    finally:
+        await first.stop()
+        await second.stop()
+    assert nodes.shared is None
+    assert not shared._subs  # the last view stopped the watch

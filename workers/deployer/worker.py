@@ -15,7 +15,7 @@ from faststream.nats import NatsBroker
 
 from corral.bus.leases import Lease
 from corral.bus.lifecycle import Loops
-from corral.bus.store import Mirror, Versioned
+from corral.bus.store import Mirror, SharedMirror, Versioned
 from corral.schemas.commands import RollbackCommand
 from corral.schemas.envelope import utcnow
 from corral.schemas.errors import ConflictError
@@ -56,7 +56,7 @@ class DeployerWorker:
         self.services: Mirror[ServiceRecord] = Mirror(b.services)
         self.assignments: Mirror[Assignment] = Mirror(b.assignments)
         self.replicas: Mirror[ReplicaStatus] = Mirror(b.replicas)
-        self.nodes: Mirror[NodeStatus] = Mirror(b.nodes)
+        self.nodes: Mirror[NodeStatus] = SharedMirror(b.nodes)
         self.status: Mirror[ServiceStatus] = Mirror(b.service_status)
         self.by_service: dict[str, dict[str, Assignment]] = defaultdict(dict)
         self.lease = Lease(b.leases, f"{ctx.settings.prefix}.deployer", ttl=lease_ttl)

@@ -17,7 +17,7 @@ from nats.aio.subscription import Subscription
 from corral.bus.codec import decode
 from corral.bus.leases import Lease
 from corral.bus.lifecycle import Loops
-from corral.bus.store import Mirror
+from corral.bus.store import Mirror, SharedMirror
 from corral.schemas.envelope import utcnow
 from corral.schemas.events import HealthEvent, NodeEvent
 from corral.schemas.state import NodeStatus, ServiceHealth, ServiceRecord, is_alive, next_expiry
@@ -38,7 +38,7 @@ class HealerWorker:
         self.emitter = ctx.emitter("healer")
         b = ctx.bus.buckets
         self.services: Mirror[ServiceRecord] = Mirror(b.services)
-        self.nodes: Mirror[NodeStatus] = Mirror(b.nodes)
+        self.nodes: Mirror[NodeStatus] = SharedMirror(b.nodes)
         self.health: Mirror[ServiceHealth] = Mirror(b.health)
         self.lease = Lease(b.leases, f"{ctx.settings.prefix}.healer", ttl=lease_ttl)
         self.loops = Loops("healer")

@@ -22,7 +22,7 @@ from corral.bus.codec import decode
 from corral.bus.edge import CommandEdge
 from corral.bus.lifecycle import Loops
 from corral.bus.pipelines import PipelineStore, pipeline_store
-from corral.bus.store import Mirror
+from corral.bus.store import Mirror, SharedMirror
 from corral.schemas.envelope import utcnow
 from corral.schemas.errors import ConflictError
 from corral.schemas.runs import ACTIVE, JobReport, JobState, RunRecord
@@ -54,7 +54,7 @@ class PipelineWorker:
         self.edge = CommandEdge(self.bus, self.emitter, max_deliver=MAX_DELIVER)
         self.loops = Loops("pipeline")
         self._store: PipelineStore | None = None
-        self.nodes: Mirror[NodeStatus] = Mirror(ctx.bus.buckets.nodes)
+        self.nodes: Mirror[NodeStatus] = SharedMirror(ctx.bus.buckets.nodes)
         self.services: Mirror[ServiceRecord] = Mirror(ctx.bus.buckets.services)
         self.service_status: Mirror[ServiceStatus] = Mirror(ctx.bus.buckets.service_status)
         self.runs: ActiveRuns | None = None

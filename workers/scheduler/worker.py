@@ -18,7 +18,7 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from corral.bus.lifecycle import Loops
-from corral.bus.store import Mirror, Versioned
+from corral.bus.store import Mirror, SharedMirror, Versioned
 from corral.schemas.errors import ConflictError
 from corral.schemas.placement import Eviction, Placed, PlacementReply, PlacementRequest
 from corral.schemas.state import (
@@ -77,7 +77,7 @@ class SchedulerWorker:
     def __init__(self, ctx: Context, *, executor: Executor | None = None) -> None:
         self.ctx = ctx
         buckets = ctx.bus.buckets
-        self.nodes: Mirror[NodeStatus] = Mirror(buckets.nodes)
+        self.nodes: Mirror[NodeStatus] = SharedMirror(buckets.nodes)
         # room is all the scheduler reads of an assignment: decode no more than that
         self.assignments: Mirror[AssignmentFootprint] = Mirror(
             buckets.assignments.view(AssignmentFootprint)
