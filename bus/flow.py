@@ -28,14 +28,12 @@ class _Answerer:
         self.subs: dict[Any, Any] = {}
         """subscription -> its JetStream state (nats-py's `_JSI`)"""
         self.task: asyncio.Task[None] | None = None
-        self.answered = 0
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(PERIOD)
             for jsi in list(self.subs.values()):
-                if await _answer(jsi):
-                    self.answered += 1
+                await _answer(jsi)
 
 
 _ANSWERERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Answerer] = (
@@ -51,18 +49,17 @@ def _answerer() -> _Answerer:
     return found
 
 
-async def _answer(jsi: Any) -> bool:
+async def _answer(jsi: Any) -> None:
     """nats-py's check: reply once every message before the request has been handed over."""
     reply = jsi._fcr
     if not reply or jsi._fciseq - jsi._psub._pending_queue.qsize() < jsi._fcd:
-        return False
+        return
     jsi._fcr = None
     jsi._fcd = 0
     try:
         await jsi._conn.publish(reply)
     except Exception as exc:  # as nats-py: the server asks again
         log.debug("flow control reply: %s", exc)
-    return True
 
 
 def _state(sub: Any) -> Any:

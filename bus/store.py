@@ -388,9 +388,17 @@ class Mirror(Generic[T]):
         changed, item = self._apply(key, revision, msg.data, deleted)
         if pending == 0:
             self._part_synced(index)
-        if not changed:
-            return
-        for listener in self._listeners:
+        if changed:
+            await self._tell(self._listeners, key, item)
+
+    async def _tell(
+        self,
+        listeners: Sequence[Callable[[str, Versioned[T] | None], Awaitable[None] | None]],
+        key: str,
+        item: Versioned[T] | None,
+    ) -> None:
+        """Tell listeners of a change; one that fails is logged, the others still hear it."""
+        for listener in listeners:
             try:
                 result = listener(key, item)
                 if result is not None:
@@ -459,15 +467,8 @@ class SharedMirror(Mirror[T]):
                 mirror.listen(listener)
             for key in list(mirror.items):
                 item = mirror.items.get(key)  # as it is now: a live change may have come
-                if item is None:
-                    continue
-                for listener in self._listeners:
-                    try:
-                        result = listener(key, item)
-                        if result is not None:
-                            await result
-                    except Exception:
-                        log.exception("listener failed on %s/%s", self.bucket.name, key)
+                if item is not None:
+                    await self._tell(self._listeners, key, item)
         except BaseException:
             await self.stop()
             raise

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 from docker_support import busybox as busybox
 from docker_support import docker_engine as docker_engine
+from nats_support import NatsServer
 from support import CORRAL, corral_env
 
 from corral.bus.connection import Bus
-from corral.bus.embedded import EmbeddedNats
+from corral.bus.embedded import EmbeddedNats, free_port
 from corral.bus.settings import Settings
 from corral.schemas.spec import Resources
 from corral.services.runner import Host, make_agent, make_worker
@@ -60,6 +61,14 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
     connection = await Bus.connect(settings, name="test")
     yield connection
     await connection.close()
+
+
+@pytest.fixture
+async def own_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    """A nats-server of the test's own, on a free port, that it starts and stops itself."""
+    server = NatsServer(free_port(), tmp_path / "js")
+    yield server
+    await server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -131,13 +131,6 @@ async def test_a_short_command_uses_the_setting(
     assert "Traceback" not in text
 
 
-@pytest.fixture
-async def own_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    server = NatsServer(free_port(), tmp_path / "js")
-    yield server
-    await server.stop()
-
-
 async def test_a_worker_stops_promptly_while_nats_is_away(
     tmp_path: Path, corral: Corral, own_nats: NatsServer
 ) -> None:

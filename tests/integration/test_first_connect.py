@@ -102,22 +102,15 @@ async def test_a_server_that_never_answers_fails_within_the_deadline(
     assert "no attempt finished" in str(caught.value)
 
 
-@pytest.fixture
-async def late_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    server = NatsServer(free_port(), tmp_path / "js")
-    yield server
-    await server.stop()
-
-
 async def test_the_first_connection_waits_for_a_nats_that_starts_late(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, late_nats: NatsServer
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, own_nats: NatsServer
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    connecting = asyncio.create_task(Bus.connect(settings_for(late_nats.url, tmp_path, 25)))
+    connecting = asyncio.create_task(Bus.connect(settings_for(own_nats.url, tmp_path, 25)))
     try:
         await eventually(lambda: warnings(caplog), within=10, what="a failed first attempt")
         assert not connecting.done()
-        await late_nats.start()
+        await own_nats.start()
         bus = await asyncio.wait_for(connecting, 20)
     finally:
         if not connecting.done():
@@ -132,19 +125,19 @@ async def test_the_first_connection_waits_for_a_nats_that_starts_late(
 
 
 async def test_once_connected_a_restarted_nats_is_rejoined(
-    tmp_path: Path, late_nats: NatsServer
+    tmp_path: Path, own_nats: NatsServer
 ) -> None:
     """The deadline is for the first connection only: past it, a NATS outage is waited out."""
-    await late_nats.start()
-    bus = await Bus.connect(settings_for(late_nats.url, tmp_path, 1.0))
+    await own_nats.start()
+    bus = await Bus.connect(settings_for(own_nats.url, tmp_path, 1.0))
     try:
-        await late_nats.stop()
+        await own_nats.stop()
         await eventually(lambda: not bus.nc.is_connected, within=10, what="disconnected")
         # not a wait for a condition: the outage must outlast connect_timeout (1 s), which
         # bounds the first connection only
         await asyncio.sleep(1.5)
         assert not bus.nc.is_closed
-        await late_nats.start()
+        await own_nats.start()
         await eventually(lambda: bus.nc.is_connected, within=15, what="reconnected")
         await eventually(_kv_works(bus), within=10, what="a KV write after the restart")
     finally:
@@ -152,24 +145,24 @@ async def test_once_connected_a_restarted_nats_is_rejoined(
 
 
 async def test_closing_while_nats_is_away_does_not_hang_or_raise(
-    tmp_path: Path, late_nats: NatsServer
+    tmp_path: Path, own_nats: NatsServer
 ) -> None:
-    await late_nats.start()
-    bus = await Bus.connect(settings_for(late_nats.url, tmp_path, 1.0))
-    await late_nats.stop()
+    await own_nats.start()
+    bus = await Bus.connect(settings_for(own_nats.url, tmp_path, 1.0))
+    await own_nats.stop()
     await eventually(lambda: not bus.nc.is_connected, within=10, what="disconnected")
     await asyncio.wait_for(bus.close(), 10)
     assert bus.nc.is_closed
 
 
 async def test_a_nats_without_jetstream_is_a_clear_error(
-    tmp_path: Path, late_nats: NatsServer
+    tmp_path: Path, own_nats: NatsServer
 ) -> None:
-    await late_nats.start(jetstream=False)
+    await own_nats.start(jetstream=False)
     with pytest.raises(NatsUnreachableError) as caught:
-        await asyncio.wait_for(Bus.connect(settings_for(late_nats.url, tmp_path, 5)), 20)
+        await asyncio.wait_for(Bus.connect(settings_for(own_nats.url, tmp_path, 5)), 20)
     assert str(caught.value).startswith(
-        f"NATS at {late_nats.url} answers, but its JetStream does not ("
+        f"NATS at {own_nats.url} answers, but its JetStream does not ("
     )
     assert "-js" in str(caught.value)
     # and the connection it made is closed: `no_leaked_tasks` checks its tasks are gone
