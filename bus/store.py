@@ -10,10 +10,10 @@ import functools
 import logging
 import re
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -24,7 +24,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
 
 from corral.bus import flow
-from corral.bus.publishing import Acks
+from corral.bus.publishing import Ack, Acks
 from corral.schemas.errors import ConflictError
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,33 @@ class Bucket(Generic[T]):
         except KeyWrongLastSequenceError as exc:
             raise ConflictError(f"{self.name}/{key} already exists") from exc
 
+    async def create_started(
+        self, key: str, value: T, *, raw: bytes | None = None
+    ) -> Coroutine[Any, Any, int]:
+        """`create`, sent now and awaited later: `await (await bucket.create_started(...))`,
+        the same revision or ConflictError. A writer of many keys sends them back to back
+        and collects the acks after, without a task per write. The returned coroutine must
+        be awaited (or closed)."""
+        data = raw if raw is not None else self.encode(value)
+        if self.acks is None:
+            return _ready(await self.create(key, value, raw=data))
+        if not _valid_key(key):
+            raise InvalidKeyError(key)
+        ack = await self.acks.send(self.part(key)._pre + key, data, _EXPECT_ABSENT)
+        return self._created(key, data, ack)
+
+    async def _created(self, key: str, data: bytes, ack: Ack) -> int:
+        try:
+            try:
+                return await ack
+            except APIError as exc:
+                if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                    raise
+            # present, or deleted (a tombstone): nats-py tells which, as in `create`
+            return int(await self.part(key).create(key, data))
+        except KeyWrongLastSequenceError as exc:
+            raise ConflictError(f"{self.name}/{key} already exists") from exc
+
     async def update(self, key: str, value: T, revision: int, *, raw: bytes | None = None) -> int:
         """Compare-and-set: write only if the key is still at `revision`."""
         data = raw if raw is not None else self.encode(value)
@@ -148,6 +175,18 @@ class Bucket(Generic[T]):
         if self.acks is not None:
             return await self._write(key, self.encode(value), None)
         return int(await self.part(key).put(key, value.model_dump_json().encode()))
+
+    async def put_started(self, key: str, value: T) -> Awaitable[int]:
+        """`put`, sent now and awaited later: `await (await bucket.put_started(k, v))`. A
+        caller that has a second message to send after this one (in order, on the same
+        connection) sends both before it waits for either ack, without a task for each."""
+        if self.acks is None:
+            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            done.set_result(await self.put(key, value))
+            return done
+        if not _valid_key(key):
+            raise InvalidKeyError(key)
+        return await self.acks.send(self.part(key)._pre + key, self.encode(value))
 
     async def send(self, key: str, value: T) -> None:
         """An unconditional write that asks for no ack: the stream stores it all the same,
@@ -226,6 +265,10 @@ class Bucket(Generic[T]):
         return out
 
 
+async def _ready(value: int) -> int:
+    return value
+
+
 def _position(reply: str) -> tuple[int, int, int]:
     """A delivered JetStream message's stream sequence (the key's revision), how many
     messages the consumer still has to deliver, and when the stream stored it (ns since the
@@ -261,9 +304,14 @@ class Mirror(Generic[T]):
     simply not have been delivered yet, so nobody should act on absence.
     """
 
-    def __init__(self, bucket: Bucket[T], prefix: str = ">") -> None:
+    def __init__(
+        self, bucket: Bucket[T], prefix: str = ">", *, decode: Callable[[bytes], T] | None = None
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix
+        self.decode = decode or bucket.decode
+        """how a watched entry becomes a record (the bucket's model by default); it raises
+        ValidationError on a bad one, which is then skipped with a warning"""
         self.items: dict[str, Versioned[T]] = {}
         self.synced = asyncio.Event()
         self._listeners: list[Callable[[str, Versioned[T] | None], Awaitable[None] | None]] = []
@@ -423,7 +471,7 @@ class Mirror(Generic[T]):
             self.items[key] = item
             return True, item
         try:
-            item = Versioned(self.bucket.decode(value), revision)
+            item = Versioned(self.decode(value), revision)
         except ValidationError as exc:
             log.warning("skipping unreadable %s/%s: %s", self.bucket.name, key, exc)
             return False, None

@@ -6,11 +6,11 @@ stands between a crash and its replacement."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
 import time
-import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -22,9 +22,11 @@ from corral.schemas.envelope import utcnow
 from corral.schemas.events import ReplicaEvent
 from corral.schemas.spec import Resources
 from corral.schemas.state import Assignment, NodeStatus, ReplicaState, ReplicaStatus
+from corral.workers.agent.assignments import AssignmentReader
 from corral.workers.agent.drivers.base import Driver, DriverError, Launch, Started
 from corral.workers.agent.jobs import JobRunner
 from corral.workers.agent.probes import Prober, ProbeResult
+from corral.workers.agent.reconciling import ReconcilePool
 from corral.workers.runtime import Context
 
 log = logging.getLogger(__name__)
@@ -37,20 +39,10 @@ HEARTBEATS_IN_FLIGHT = 3
 ACK_EVERY = 10
 """one heartbeat in this many asks the bus for an ack (so a bus that stopped storing them is
 noticed and logged); the others are sent without one: the next beat supersedes a lost one"""
-RECONCILES_IN_FLIGHT = 2048
-"""replica reconciles under way at once in one process (shared by the agents it hosts)"""
-_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _slots() -> asyncio.Semaphore:
-    """This event loop's reconcile slots (a semaphore belongs to one loop)."""
-    loop = asyncio.get_running_loop()
-    slots = _SLOTS.get(loop)
-    if slots is None:
-        slots = _SLOTS[loop] = asyncio.Semaphore(RECONCILES_IN_FLIGHT)
-    return slots
+_READER = AssignmentReader()
+"""one per process: the agents it hosts are assigned the same services' templates"""
+RETRY_FAILED_AFTER = 1.0
+"""seconds before a replica whose reconcile failed is reconciled again"""
 
 
 @dataclass
@@ -91,15 +83,19 @@ class AgentWorker:
         self.labels = labels or {}
         self.emitter = ctx.emitter(f"agent/{node_id}")
         self.assignments: Mirror[Assignment] = Mirror(
-            ctx.bus.buckets.assignments, prefix=f"{node_id}.>"
+            ctx.bus.buckets.assignments, prefix=f"{node_id}.>", decode=_READER
         )
         self.assignments.listen(self._on_assignment)
         self._replicas: dict[str, _Replica] = {}
         self._services: dict[str, str] = {}
-        self._dirty: set[str] = set()
+        self._queued: set[str] = set()
+        """replicas marked and waiting in the process's reconcile queue"""
+        self._pool: ReconcilePool | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._waiters: dict[str, set[str]] = {}
         """replica -> the preemptors' replicas here that wait for it to go"""
-        self._wake = asyncio.Event()
         self.loops = Loops(f"agent {node_id}")
         self._timers: set[asyncio.TimerHandle] = set()
         self._started_at = utcnow()
@@ -113,6 +109,15 @@ class AgentWorker:
 
     # lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
+        self._pool = ReconcilePool.joined(self)
+        try:
+            await self._come_up()
+        except BaseException:
+            pool, self._pool = self._pool, None
+            await pool.leave(self)
+            raise
+
+    async def _come_up(self) -> None:
         await self._heartbeat_once()
         previous = {
             s.replica: s
@@ -147,7 +152,6 @@ class AgentWorker:
             self.mark(replica)
         for replica in assigned:
             self.mark(replica)
-        self.loops.spawn(self._loop(), "reconcile")
         self.loops.spawn(self._heartbeat(), "heartbeat")
         if not self._simulated:
             self.loops.spawn(self._report_usage(), "usage")
@@ -160,7 +164,14 @@ class AgentWorker:
             await self.jobs.stop()
         for timer in self._timers:
             timer.cancel()
-        self._wake.set()
+        # what is still queued is skipped (see `_stopping`); a reconcile under way ends first,
+        # for at most the grace: one in the middle of starting a replica would otherwise
+        # start it after the shutdown below
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), SHUTDOWN_GRACE_CAP)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.leave(self)
         await self.loops.stop()
         await asyncio.gather(*(self._stop_probe(r) for r in list(self._replicas)))
         await self.assignments.stop()
@@ -186,8 +197,28 @@ class AgentWorker:
 
     # triggers ---------------------------------------------------------------------------
     def mark(self, replica: str) -> None:
-        self._dirty.add(replica)
-        self._wake.set()
+        """Queue a reconcile of `replica` (once, however often it is marked before it runs)."""
+        if replica in self._queued or self._pool is None:
+            return
+        self._queued.add(replica)
+        self._pool.put(self, replica)
+
+    async def reconcile_queued(self, replica: str) -> None:
+        """Run by the process's reconcile pool: a failure is logged and tried again later."""
+        self._queued.discard(replica)
+        if self._stopping:
+            return
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._reconcile(replica)
+        except Exception as exc:
+            log.error("%s: reconcile %s failed: %r", self.node_id, replica, exc)
+            self._mark_later(replica, RETRY_FAILED_AFTER)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     def _on_assignment(self, key: str, item: Versioned[Assignment] | None) -> None:
         replica = key.split(".", 1)[1]
@@ -215,26 +246,6 @@ class AgentWorker:
 
         timer = loop.call_later(delay, fire)
         self._timers.add(timer)
-
-    async def _loop(self) -> None:
-        while self.loops.running:
-            await self._wake.wait()
-            self._wake.clear()
-            batch, self._dirty = self._dirty, set()
-            results = await asyncio.gather(
-                *(self._reconcile_in_turn(replica) for replica in batch), return_exceptions=True
-            )
-            for replica, result in zip(batch, results, strict=True):
-                if isinstance(result, Exception):
-                    log.error("%s: reconcile %s failed: %r", self.node_id, replica, result)
-                    self._mark_later(replica, 1.0)
-
-    async def _reconcile_in_turn(self, replica: str) -> None:
-        """Reconcile with at most RECONCILES_IN_FLIGHT under way in this process: 100,000
-        replicas assigned at once otherwise queue 200,000 writes on one connection, their acks
-        come back after the request timeout, and the retries make it worse."""
-        async with _slots():
-            await self._reconcile(replica)
 
     async def _heartbeat_once(self, *, acked: bool = True) -> None:
         status = NodeStatus(
@@ -580,11 +591,13 @@ class AgentWorker:
             ready_at=replica_state.ready_at if replica_state else None,
         )
         # both go out at once, the status first (one connection keeps their order), and
-        # their acks are awaited together: one round trip per report instead of two. Both
-        # are waited for even when one fails, so that neither is left running on its own.
-        outcomes = await asyncio.gather(
-            self.bus.buckets.replicas.put(f"{assignment.service}.{assignment.replica}", status),
-            self._event(
+        # their acks are awaited together: one round trip per report instead of two. The
+        # status's ack is waited for even when the event fails. No task for either: at
+        # 100,000 replicas, a gather's two tasks per report were a few percent of the agents
+        key = f"{assignment.service}.{assignment.replica}"
+        stored = await self.bus.buckets.replicas.put_started(key, status)
+        try:
+            await self._event(
                 assignment.service,
                 assignment.replica,
                 event,
@@ -595,12 +608,12 @@ class AgentWorker:
                 exit_code=exit_code,
                 message=message,
                 correlation=assignment.correlation,
-            ),
-            return_exceptions=True,
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+            )
+        except Exception:
+            with contextlib.suppress(Exception):
+                await stored
+            raise
+        await stored
 
     async def _event(
         self,

@@ -8,6 +8,7 @@ plan never double-books room that another scheduler replica booked a moment ago.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -103,6 +104,32 @@ def book(
     current = dict(ledger.bookings) if ledger is not None else {}
     current.update(bookings)
     return NodeLedger.model_construct(node=node, bookings=current)
+
+
+_APPENDABLE = list(NodeLedger.model_fields)[-1] == "bookings"
+"""a ledger's JSON ends with its bookings, so more can be appended to it"""
+_TAIL = b"}}"
+
+
+def grown(
+    raw: bytes, ledger: NodeLedger, added: Mapping[str, bytes], node: str | None = None
+) -> bytes | None:
+    """The JSON of `ledger` with the bookings in `added` (replica -> the booking's JSON), made
+    by appending to `raw`, the JSON of `ledger` as this process wrote it. A ledger holds every
+    booking on its node, and writing a 100,000-replica deploy encoded ~1.7 million bookings
+    again, 6 % of the scheduler's process; appending encodes each once. None when `raw`
+    cannot simply be extended (a replica already booked there, or another node): encode the
+    ledger whole then."""
+    if (
+        not _APPENDABLE
+        or not added
+        or not raw.endswith(_TAIL)
+        or (node is not None and node != ledger.node)
+        or any(replica in ledger.bookings for replica in added)
+    ):
+        return None
+    parts = b",".join(json.dumps(r).encode() + b":" + booking for r, booking in added.items())
+    return raw[: -len(_TAIL)] + (b"," if ledger.bookings else b"") + parts + _TAIL
 
 
 def release(ledger: NodeLedger, replicas: Iterable[str]) -> NodeLedger | None:

@@ -30,7 +30,7 @@ from corral.schemas.state import (
     is_alive,
 )
 from corral.workers.runtime import Context
-from corral.workers.scheduler.accounting import Accounts, Usage, book, release, stale
+from corral.workers.scheduler.accounting import Accounts, Usage, book, grown, release, stale
 from corral.workers.scheduler.executors import Executor, Sharded
 from corral.workers.scheduler.pinning import place_pinned
 from corral.workers.scheduler.placement import ClassRequest, NodeTable, Solution
@@ -99,6 +99,9 @@ class SchedulerWorker:
         self._wake = asyncio.Event()
         self._sub: Subscription | None = None
         self._release: set[str] = set()
+        self._written: dict[str, tuple[int, bytes]] = {}
+        """node -> the revision and JSON of the ledger this scheduler last wrote there, which
+        the next booking on the node extends instead of encoding the ledger again"""
         self.conflicts = 0
         """ledger writes that lost a race and were planned again (for tests and metrics)"""
 
@@ -154,6 +157,8 @@ class SchedulerWorker:
             self._template = None
 
     def _on_ledger(self, key: str, item: Versioned[NodeLedger] | None) -> None:
+        if item is None:
+            self._written.pop(key, None)
         self.accounts.set_ledger(key, item.value if item is not None else None)
 
     def avoids(self) -> dict[str, tuple[str, ...]]:
@@ -274,8 +279,9 @@ class SchedulerWorker:
                     asked.unpinned[replica] = why
                 for replica, node, note in pinned.kept:
                     per_node.setdefault(node, []).append((asked, replica, note))
+            made: _Bookings = {}
             results = await asyncio.gather(
-                *(self._book(node, entries, now) for node, entries in per_node.items()),
+                *(self._book(node, entries, now, made) for node, entries in per_node.items()),
                 return_exceptions=True,
             )
             for (node, entries), result in zip(per_node.items(), results, strict=True):
@@ -330,8 +336,9 @@ class SchedulerWorker:
                     per_node.setdefault(node_id, []).append((asked, next(replicas), note))
             asked.left = list(replicas)
             asked.reason = solution.reason
+        made: _Bookings = {}
         results = await asyncio.gather(
-            *(self._book(node_id, entries, now) for node_id, entries in per_node.items()),
+            *(self._book(node_id, entries, now, made) for node_id, entries in per_node.items()),
             return_exceptions=True,
         )
         again = False
@@ -349,22 +356,34 @@ class SchedulerWorker:
         return again
 
     async def _book(
-        self, node_id: str, entries: list[tuple[_Asked, str, str]], now: datetime
+        self,
+        node_id: str,
+        entries: list[tuple[_Asked, str, str]],
+        now: datetime,
+        made: _Bookings | None = None,
     ) -> bool:
         bucket = self.ctx.bus.buckets.allocations
         current = self.ledgers.items.get(node_id)
-        # the replicas of one request book the same thing: one record serves them all
-        same: dict[int, Booking] = {}
+        # the replicas of one request book the same thing: one record (and its JSON) serves
+        # them all, on every node of the round (`made`, shared by the round's bookings)
+        same = made if made is not None else {}
         for a, _, _ in entries:
             if id(a) not in same:
                 request = a.request
-                same[id(a)] = Booking(service=request.service, resources=request.resources, at=now)
+                one = Booking(service=request.service, resources=request.resources, at=now)
+                same[id(a)] = (one, bucket.encode(one))
         ledger = book(
             current.value if current is not None else None,
             node_id,
-            ((replica, same[id(a)]) for a, replica, _ in entries),
+            ((replica, same[id(a)][0]) for a, replica, _ in entries),
         )
-        raw = bucket.encode(ledger)
+        raw: bytes | None = None
+        written = self._written.get(node_id)
+        if current is not None and written is not None and written[0] == current.revision:
+            added = {replica: same[id(a)][1] for a, replica, _ in entries}
+            raw = grown(written[1], current.value, added, node_id)
+        if raw is None:
+            raw = bucket.encode(ledger)
         self.ledgers.expect(node_id, ledger, raw)
         try:
             if current is None:
@@ -379,6 +398,7 @@ class SchedulerWorker:
             self.ledgers.unexpect(node_id)
             raise
         self.ledgers.note_written(node_id, ledger, revision)
+        self._written[node_id] = (revision, raw)
         self.accounts.set_ledger(node_id, ledger)
         return True
 
@@ -424,6 +444,7 @@ class SchedulerWorker:
                 self.ledgers.unexpect(node_id)
                 raise
             self.ledgers.note_written(node_id, smaller, revision)
+            self._written[node_id] = (revision, raw)
             self.accounts.set_ledger(node_id, smaller)
             return
 
@@ -439,6 +460,10 @@ class SchedulerWorker:
                         await self._unbook(item.value.node, old)
                     except Exception as exc:
                         log.warning("could not free bookings on %s: %s", item.value.node, exc)
+
+
+_Bookings = dict[int, tuple[Booking, bytes]]
+"""id of an `_Asked` -> the booking of its replicas in one round, and its JSON"""
 
 
 def _unpinned(placed: Placed, why: str | None) -> Placed:
