@@ -98,3 +98,41 @@ async def release(sub: Any) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def retire(sub: Any) -> None:
+    """Unsubscribe an ordered consumer for good. nats-py's heartbeat monitor resets the
+    consumer (a new subscription id for the same subscription) when the process has not read
+    its heartbeats in time, which a busy process stopping many watches at once does not. A
+    reset while the subscription was being unsubscribed left the new id registered with
+    nothing reading it, and draining the connection waited for it until the drain timed out.
+    The monitor stops first, and an id that a reset left behind is removed as well."""
+    await release(sub)
+    jsi = _state(sub)
+    monitor = getattr(jsi, "_hbtask", None)
+    if isinstance(monitor, asyncio.Task) and not monitor.done():
+        monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await monitor
+    with contextlib.suppress(Exception):
+        await sub.unsubscribe()
+    await _drop_left(sub)
+
+
+async def _drop_left(sub: Any) -> None:
+    conn = getattr(sub, "_conn", None)
+    registered = getattr(conn, "_subs", None)
+    if conn is None or not isinstance(registered, dict):
+        return
+    inner = getattr(sub, "_sub", sub)
+    for sid in {getattr(sub, "_id", None), getattr(inner, "_id", None)}:
+        held = registered.get(sid)
+        if held is not inner and held is not sub:
+            continue
+        log.debug("removing subscription %s left by a consumer reset", sid)
+        registered.pop(sid, None)
+        with contextlib.suppress(Exception):
+            held._stop_processing()
+        if not (conn.is_closed or conn.is_draining or conn.is_reconnecting):
+            with contextlib.suppress(Exception):
+                await conn._send_unsubscribe(sid)

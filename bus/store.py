@@ -386,9 +386,7 @@ class Mirror(Generic[T]):
     async def stop(self) -> None:
         subs, self._subs = self._subs, []
         for sub in subs:
-            await flow.release(sub)
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await flow.retire(sub)
 
     def expect(self, key: str, value: T, raw: bytes) -> None:
         """Say that this process is writing `raw` (the encoding of `value`) to `key`. The

@@ -130,6 +130,31 @@ async def test_a_mirror_follows_writes_deletes_and_its_prefix(bus: Bus) -> None:
         await mirror.stop()
 
 
+async def test_a_consumer_reset_while_stopping_leaves_no_subscription(bus: Bus) -> None:
+    """nats-py resets an ordered consumer (a new subscription id) when its heartbeats were
+    not read in time; one that landed while a mirror stopped left the new id subscribed with
+    nothing reading it, and draining the connection then hung until its timeout."""
+    nodes = bus.buckets.nodes
+    await nodes.put("r.1", node("r.1"))
+    mirror: Mirror[NodeStatus] = Mirror(nodes, prefix="r.>")
+    await mirror.start(sync_within=5)
+    sub = mirror._subs[0]
+    jsi = flow._state(sub)
+    unsubscribe = sub.unsubscribe
+
+    async def racing(limit: int = 0) -> None:  # the reset lands just after the unsubscribe
+        await unsubscribe(limit)
+        await jsi.reset_ordered_consumer(jsi._sseq + 1)
+
+    sub.unsubscribe = racing  # type: ignore[method-assign]
+    await mirror.stop()
+    inner = sub._sub
+    assert all(held is not inner and held is not sub for held in bus.nc._subs.values())
+    await nodes.put("r.2", node("r.2"))  # a write after the stop reaches no leftover
+    await bus.nc.flush()
+    assert all(held is not inner for held in bus.nc._subs.values())
+
+
 async def test_a_mirror_behind_its_watch_is_as_of_the_last_entry_it_read(bus: Bus) -> None:
     """A mirror whose process has not yet read what the bus delivered says how far it got:
     heartbeats judged against that do not all look stale while a busy worker catches up."""
