@@ -211,13 +211,7 @@ class Acks:
         timeout: float | None = None,
     ) -> int:
         """Publish to a stream and wait for its ack; the stored message's sequence."""
-        if self._sub is None:
-            raise RuntimeError("Acks.start() has not run")
-        loop = asyncio.get_running_loop()
-        self._counter += 1
-        token = str(self._counter)
-        future: asyncio.Future[Result] = loop.create_future()
-        self._pending[token] = (future, loop.time() + (timeout or self.timeout))
+        token, future = self._expect(timeout)
         try:
             await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
             result = await future
@@ -237,6 +231,16 @@ class Acks:
         """Publish to a stream now; the returned `Ack` is awaited for the outcome (once, and
         always: until then its reply is kept). Two messages that must reach the bus in order
         but whose acks may be awaited together go out this way, without a task for each."""
+        token, future = self._expect(timeout)
+        try:
+            await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
+        except BaseException:
+            self._pending.pop(token, None)
+            raise
+        return Ack(self, token, future)
+
+    def _expect(self, timeout: float | None) -> tuple[str, asyncio.Future[Result]]:
+        """A token for the reply subject, and the future its reply (or the sweep) settles."""
         if self._sub is None:
             raise RuntimeError("Acks.start() has not run")
         loop = asyncio.get_running_loop()
@@ -244,12 +248,7 @@ class Acks:
         token = str(self._counter)
         future: asyncio.Future[Result] = loop.create_future()
         self._pending[token] = (future, loop.time() + (timeout or self.timeout))
-        try:
-            await self.nc.publish(subject, payload, reply=self.prefix + token, headers=headers)
-        except BaseException:
-            self._pending.pop(token, None)
-            raise
-        return Ack(self, token, future)
+        return token, future
 
     async def _on_reply(self, msg: Msg) -> None:
         entry = self._pending.pop(msg.subject[len(self.prefix) :], None)
