@@ -14,7 +14,7 @@ from corral.schemas.spec import Resources
 from corral.schemas.state import ReplicaState
 from corral.services.runner import Host, make_worker
 from corral.workers.agent import reconciling
-from corral.workers.agent.drivers.base import Launch, Started
+from corral.workers.agent.drivers.base import Launch, Recovered, Started
 from corral.workers.agent.drivers.fake import FakeDriver
 from corral.workers.agent.worker import AgentWorker
 from corral.workers.runtime import Context, Worker
@@ -121,4 +121,64 @@ async def test_nothing_assigned_is_lost_when_an_agent_stops_mid_work(settings, b
             await eventually(lambda: running(bus, "web", 30), what="30 replicas running again")
             assert len(fresh.running()) == 30
         finally:
+            await new.stop()
+
+
+class RecoveringDriver(FakeDriver):
+    """A node whose recovery of a predecessor's replicas waits for `proceed`, and which counts
+    the starts asked of it before that recovery was done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recovering = asyncio.Event()
+        self.proceed = asyncio.Event()
+        self.recovered = False
+        self.early = 0
+
+    async def recover(self, claimed: dict[str, int | None]) -> Recovered:
+        self.recovering.set()
+        await self.proceed.wait()
+        self.recovered = True
+        return await super().recover(claimed)
+
+    async def start(self, launch: Launch) -> Started:
+        if not self.recovered:
+            self.early += 1
+        return await super().start(launch)
+
+
+async def test_no_replica_starts_before_the_driver_recovered_the_predecessors(
+    settings, bus
+) -> None:
+    """A container the previous agent left is adopted by recovery; a reconcile that ran
+    first would start a second one beside it."""
+
+    def build(ctx: Context) -> list[Worker]:
+        return [make_worker(n, ctx) for n in ("api", "deployer", "scheduler")]
+
+    async with Host(settings, build) as host:
+        gate = asyncio.Event()
+        gate.set()
+        old = agent(host.ctx, "n0", GatedDriver(gate))
+        await old.start()
+        await command(bus, "deploy", "web", {**SPEC, "replicas": 5})
+        await eventually(lambda: running(bus, "web", 5), what="5 replicas running")
+        await old.stop()
+        driver = RecoveringDriver()
+        new = AgentWorker(
+            host.ctx, driver, node_id="n0", capacity=Resources(cpu=16, memory=64 << 30)
+        )
+        starting = asyncio.create_task(new.start())
+        try:
+            await asyncio.wait_for(driver.recovering.wait(), 10)
+            for _ in range(50):  # give anything queued every chance to run
+                await asyncio.sleep(0)
+            assert driver.early == 0
+            driver.proceed.set()
+            await asyncio.wait_for(starting, 10)
+            await eventually(lambda: len(driver.running()) == 5, what="5 replicas started")
+            assert driver.early == 0
+        finally:
+            driver.proceed.set()
+            await asyncio.gather(starting, return_exceptions=True)
             await new.stop()

@@ -89,7 +89,8 @@ class AgentWorker:
         self._replicas: dict[str, _Replica] = {}
         self._services: dict[str, str] = {}
         self._queued: set[str] = set()
-        """replicas marked and waiting in the process's reconcile queue"""
+        """replicas marked and waiting in the process's reconcile queue (or, before the
+        agent is up, for it)"""
         self._pool: ReconcilePool | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -109,12 +110,12 @@ class AgentWorker:
 
     # lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
-        self._pool = ReconcilePool.joined(self)
         try:
             await self._come_up()
         except BaseException:
             pool, self._pool = self._pool, None
-            await pool.leave(self)
+            if pool is not None:
+                await pool.leave(self)
             raise
 
     async def _come_up(self) -> None:
@@ -152,6 +153,11 @@ class AgentWorker:
             self.mark(replica)
         for replica in assigned:
             self.mark(replica)
+        # only now: a reconcile before the driver recovered the predecessor's replicas would
+        # start a second container for one it is about to adopt
+        self._pool = ReconcilePool.joined(self)
+        for replica in list(self._queued):
+            self._pool.put(self, replica)
         self.loops.spawn(self._heartbeat(), "heartbeat")
         if not self._simulated:
             self.loops.spawn(self._report_usage(), "usage")
@@ -197,11 +203,13 @@ class AgentWorker:
 
     # triggers ---------------------------------------------------------------------------
     def mark(self, replica: str) -> None:
-        """Queue a reconcile of `replica` (once, however often it is marked before it runs)."""
-        if replica in self._queued or self._pool is None:
+        """Queue a reconcile of `replica` (once, however often it is marked before it runs).
+        Until the agent is up, marked replicas wait here and go to the pool together."""
+        if replica in self._queued:
             return
         self._queued.add(replica)
-        self._pool.put(self, replica)
+        if self._pool is not None:
+            self._pool.put(self, replica)
 
     async def reconcile_queued(self, replica: str) -> None:
         """Run by the process's reconcile pool: a failure is logged and tried again later."""
