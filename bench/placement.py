@@ -659,9 +659,16 @@ async def end_to_end(args: argparse.Namespace, report: Any, script: str) -> None
         spent = cpu.spent()
         per_node: Counter[str] = Counter()
         if done:  # an overloaded bus would make these reads take minutes
-            raw = await asyncio.wait_for(host.ctx.bus.buckets.assignments.items(), 60)
-            per_node = Counter(v.value.node for v in raw.values())
-            statuses = await asyncio.wait_for(replicas.items(), 60)
+            # on a connection of its own: read on the workers' connection, while they still
+            # work, 100,000 assignments and statuses arrived with theirs, nats-server once
+            # reset that connection, and the check failed on a measurement that had passed
+            check = await Bus.connect(settings, name="bench-placement-check")
+            try:
+                raw = await asyncio.wait_for(check.buckets.assignments.items(), 60)
+                per_node = Counter(v.value.node for v in raw.values())
+                statuses = await asyncio.wait_for(check.buckets.replicas.items(), 60)
+            finally:
+                await check.close()
             stored = sum(1 for v in statuses.values() if v.value.state == ReplicaState.RUNNING)
             if stored < total:
                 raise RuntimeError(f"the count saw {total:,} running, the bucket has {stored:,}")
