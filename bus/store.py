@@ -24,7 +24,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
 
 from corral.bus import flow
-from corral.bus.publishing import Ack, Acks
+from corral.bus.publishing import Acks
 from corral.schemas.errors import ConflictError
 
 log = logging.getLogger(__name__)
@@ -123,15 +123,9 @@ class Bucket(Generic[T]):
         """Write only if the key is absent (or deleted); ConflictError otherwise. `raw` is
         `value` already encoded (see `Mirror.expect`)."""
         data = raw if raw is not None else self.encode(value)
-        try:
-            if self.acks is not None and ttl is None:
-                try:
-                    return await self._write(key, data, _EXPECT_ABSENT)
-                except KeyWrongLastSequenceError:
-                    pass  # present, or deleted (a tombstone): nats-py tells which
-            return int(await self.part(key).create(key, data, msg_ttl=ttl))
-        except KeyWrongLastSequenceError as exc:
-            raise ConflictError(f"{self.name}/{key} already exists") from exc
+        if self.acks is not None and ttl is None:
+            return await self._created(key, data, self._write(key, data, _EXPECT_ABSENT))
+        return await self._created(key, data, None, ttl)
 
     async def create_started(
         self, key: str, value: T, *, raw: bytes | None = None
@@ -143,20 +137,22 @@ class Bucket(Generic[T]):
         data = raw if raw is not None else self.encode(value)
         if self.acks is None:
             return _ready(await self.create(key, value, raw=data))
-        if not _valid_key(key):
-            raise InvalidKeyError(key)
-        ack = await self.acks.send(self.part(key)._pre + key, data, _EXPECT_ABSENT)
-        return self._created(key, data, ack)
+        ack = await self.acks.send(self._subject(key), data, _EXPECT_ABSENT)
+        return self._created(key, data, _wrong_last_sequence(ack))
 
-    async def _created(self, key: str, data: bytes, ack: Ack) -> int:
+    async def _created(
+        self, key: str, data: bytes, first: Awaitable[int] | None, ttl: float | None = None
+    ) -> int:
+        """`create`'s outcome: `first`, a write that expected the key absent, if there was
+        one; else, or when the key was present or deleted (a tombstone), nats-py's create,
+        which tells which."""
         try:
-            try:
-                return await ack
-            except APIError as exc:
-                if exc.err_code not in _WRONG_LAST_SEQUENCE:
-                    raise
-            # present, or deleted (a tombstone): nats-py tells which, as in `create`
-            return int(await self.part(key).create(key, data))
+            if first is not None:
+                try:
+                    return await first
+                except KeyWrongLastSequenceError:
+                    pass
+            return int(await self.part(key).create(key, data, msg_ttl=ttl))
         except KeyWrongLastSequenceError as exc:
             raise ConflictError(f"{self.name}/{key} already exists") from exc
 
@@ -181,35 +177,27 @@ class Bucket(Generic[T]):
         caller that has a second message to send after this one (in order, on the same
         connection) sends both before it waits for either ack, without a task for each."""
         if self.acks is None:
-            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            done.set_result(await self.put(key, value))
-            return done
-        if not _valid_key(key):
-            raise InvalidKeyError(key)
-        return await self.acks.send(self.part(key)._pre + key, self.encode(value))
+            return _ready(await self.put(key, value))
+        return await self.acks.send(self._subject(key), self.encode(value))
 
     async def send(self, key: str, value: T) -> None:
         """An unconditional write that asks for no ack: the stream stores it all the same,
         but nobody learns whether it did. Only for a record rewritten on a period by its
         single owner, where the next write supersedes a lost one (heartbeats): a thousand
         nodes' acks cost their host's process a tenth of a core."""
-        if not _valid_key(key):
-            raise InvalidKeyError(key)
-        kv = self.part(key)
-        await kv._js._nc.publish(kv._pre + key, self.encode(value))
+        await self.part(key)._js._nc.publish(self._subject(key), self.encode(value))
 
     async def _write(self, key: str, data: bytes, headers: dict[str, str] | None) -> int:
         """A KV write as nats-py's client makes it (the same subject, headers and errors),
         through the bus's `Acks`."""
         assert self.acks is not None
+        return await _wrong_last_sequence(self.acks.publish(self._subject(key), data, headers))
+
+    def _subject(self, key: str) -> str:
+        """The subject a write of `key` goes to, as nats-py's KV makes it; the key checked."""
         if not _valid_key(key):
             raise InvalidKeyError(key)
-        try:
-            return await self.acks.publish(self.part(key)._pre + key, data, headers)
-        except APIError as exc:
-            if exc.err_code in _WRONG_LAST_SEQUENCE:
-                raise KeyWrongLastSequenceError(description=exc.description) from exc
-            raise
+        return self.part(key)._pre + key
 
     async def delete(self, key: str, revision: int | None = None) -> None:
         try:
@@ -267,6 +255,16 @@ class Bucket(Generic[T]):
 
 async def _ready(value: int) -> int:
     return value
+
+
+async def _wrong_last_sequence(write: Awaitable[int]) -> int:
+    """A KV write's revision; a lost compare-and-set raised as nats-py's KV raises it."""
+    try:
+        return await write
+    except APIError as exc:
+        if exc.err_code in _WRONG_LAST_SEQUENCE:
+            raise KeyWrongLastSequenceError(description=exc.description) from exc
+        raise
 
 
 def _position(reply: str) -> tuple[int, int, int]:

@@ -17,6 +17,7 @@ import numpy as np
 
 from corral.schemas.errors import ConflictError
 from corral.schemas.placement import Eviction, Placed
+from corral.schemas.state import Booking
 from corral.workers.scheduler.placement import room_for
 from corral.workers.scheduler.preemption import NodePlan, Preemption, Running, preempt_batch
 
@@ -109,9 +110,10 @@ async def _book(worker: SchedulerWorker, todo: list[_Asked], done: list[Preempti
         for plan in preemption.plans:
             replicas, asked.left = asked.left[: plan.take], asked.left[plan.take :]
             plans.append((asked, plan, replicas))
+    made: dict[int, tuple[Booking, bytes]] = {}
     results = await asyncio.gather(
         *(
-            worker._book(plan.node, [(asked, r, plan.note) for r in replicas], now)
+            worker._book(plan.node, [(asked, r, plan.note) for r in replicas], now, made)
             for asked, plan, replicas in plans
         ),
         return_exceptions=True,

@@ -360,27 +360,26 @@ class SchedulerWorker:
         node_id: str,
         entries: list[tuple[_Asked, str, str]],
         now: datetime,
-        made: _Bookings | None = None,
+        made: _Bookings,
     ) -> bool:
         bucket = self.ctx.bus.buckets.allocations
         current = self.ledgers.items.get(node_id)
         # the replicas of one request book the same thing: one record (and its JSON) serves
         # them all, on every node of the round (`made`, shared by the round's bookings)
-        same = made if made is not None else {}
         for a, _, _ in entries:
-            if id(a) not in same:
+            if id(a) not in made:
                 request = a.request
                 one = Booking(service=request.service, resources=request.resources, at=now)
-                same[id(a)] = (one, bucket.encode(one))
+                made[id(a)] = (one, bucket.encode(one))
         ledger = book(
             current.value if current is not None else None,
             node_id,
-            ((replica, same[id(a)][0]) for a, replica, _ in entries),
+            ((replica, made[id(a)][0]) for a, replica, _ in entries),
         )
         raw: bytes | None = None
         written = self._written.get(node_id)
         if current is not None and written is not None and written[0] == current.revision:
-            added = {replica: same[id(a)][1] for a, replica, _ in entries}
+            added = {replica: made[id(a)][1] for a, replica, _ in entries}
             raw = grown(written[1], current.value, added, node_id)
         if raw is None:
             raw = bucket.encode(ledger)
