@@ -173,3 +173,37 @@ def test_packed_answers_keep_every_reason() -> None:
     assert [s.why for s in unpacked] == [s.why for s in direct]
     assert [s.reason for s in unpacked] == [s.reason for s in direct]
     assert [s.per_node for s in unpacked] == [s.per_node for s in direct]
+
+
+def test_groups_placed_in_shards_merge_into_the_whole_table() -> None:
+    nodes = cluster(40)
+    classes = [
+        ClassRequest(count=6, service=f"g{i}", resources={"cpu": 1.0}, spread_by="zone")
+        for i in range(10)
+    ] + [
+        ClassRequest(count=4, service=f"b{i}", resources={"cpu": 2.0}, strategy="binpack")
+        for i in range(6)
+    ] + [ClassRequest(count=5, service="alone", resources={"cpu": 3.0}, max_per_node=1)]
+    table = NodeTable.build(nodes)
+    plan = split(table, classes, 2)
+    answers = [solve_shard(table.shard(s.rows), s.classes) for s in plan]
+    assert all(a.groups for a in answers)  # the shards did place groups
+    solutions = merge(table, classes, plan, answers)
+    used = np.zeros(len(nodes))
+    position = {n.id: i for i, n in enumerate(nodes)}
+    zone = {n.id: n.labels["zone"] for n in nodes}
+    for c, s in zip(classes, solutions, strict=True):
+        assert s.placed == c.count
+        assert not s.reason
+        assert set(s.why) == set(s.per_node)
+        for node, count in s.per_node.items():
+            used[position[node]] += count * c.resources["cpu"]
+        found = table.placed[c.service]
+        assert sorted(found[0].tolist()) == sorted(position[n] for n in s.per_node)
+        if c.spread_by:
+            per_zone = [
+                sum(k for n, k in s.per_node.items() if zone[n] == z) for z in ("z0", "z1", "z2")
+            ]
+            assert max(per_zone) - min(per_zone) <= 1
+    assert np.allclose(table.used("cpu"), used)
+    assert table.totals.sum() == sum(c.count for c in classes)

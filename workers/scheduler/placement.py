@@ -15,8 +15,12 @@ and replicas that fit nowhere get one that counts why each node was ruled out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import gc
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -78,7 +82,7 @@ class ClassRequest:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Why:
     """What each placement's reason is made of, captured when the class is placed (the table
     moves on afterwards); the text is only written when someone reads it."""
@@ -129,7 +133,7 @@ class Why:
         return notes
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Solution:
     """Where one class went. `where`/`take` are node positions in the table and counts."""
 
@@ -213,17 +217,251 @@ def batch_order(requests: Sequence[ClassRequest]) -> list[int]:
 
 def solve_batch(requests: Sequence[ClassRequest], table: NodeTable) -> list[Solution]:
     """Place every class, committing each into `table`; solutions come in request order."""
+    with collection_paused():
+        singles, groups = solve_parts(requests, table)
+        out: list[Solution | None] = [None] * len(requests)
+        for i, solution in singles.items():
+            out[i] = solution
+        for members, dealt in groups:
+            for i, solution in zip(members, dealt.solutions(table.ids), strict=True):
+                out[i] = solution
+    return [s for s in out if s is not None]
+
+
+class _Pauses:
+    """How many placements have the cycle collector paused, and whether it was on before."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.was_on = False
+
+
+_pauses = _Pauses()
+
+
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """Keep Python's cycle collector off while a batch is placed. Placing a large batch
+    makes tens of thousands of small objects (solutions, reasons, array views) and no
+    cycles; with the collector on, each generation-0 threshold crossed walked them again, a
+    third of the time of a 1,000,000-replica batch. Nested and concurrent uses (threads) are
+    counted: the collector comes back on when the last one ends, if it was on before."""
+    with _pauses.lock:
+        if _pauses.depth == 0:
+            _pauses.was_on = gc.isenabled()
+            gc.disable()
+        _pauses.depth += 1
+    try:
+        yield
+    finally:
+        with _pauses.lock:
+            _pauses.depth -= 1
+            if _pauses.depth == 0 and _pauses.was_on:
+                gc.enable()
+
+
+def solve_parts(
+    requests: Sequence[ClassRequest], table: NodeTable
+) -> tuple[dict[int, Solution], list[tuple[list[int], Dealt]]]:
+    """`solve_batch` before the groups' solutions are written out: the classes placed alone
+    (by position in `requests`), and each group placed as one (its members' positions, and
+    where each went). Ray shards send this back: a group's arrays travel as a few blocks."""
     for r in requests:
         if r.avoid:
             table.avoids[r.service] = r.avoid
-    out: list[Solution | None] = [None] * len(requests)
+    singles: dict[int, Solution] = {}
+    groups: list[tuple[list[int], Dealt]] = []
     table.pool = binpack_pool(table, [r for r in requests if r.strategy == "binpack"])
+    same = identical_groups(requests, table)
+    grouped: set[int] = set()
     try:
         for i in batch_order(requests):
-            out[i] = _place(requests[i], table)
+            members = same.get(i)
+            if members:
+                dealt = _place_group([requests[j] for j in members], table)
+                if dealt is not None:
+                    groups.append((members, dealt))
+                    grouped.update(members)
+                    continue
+            # alone, or a member of a group that did not fit whole (each in its turn)
+            if i not in grouped:
+                singles[i] = _place(requests[i], table)
     finally:
         table.pool = None
-    return [s for s in out if s is not None]
+    return singles, groups
+
+
+GROUP_AT_LEAST = 2
+"""services with the same shape are placed as one group from this many on"""
+
+
+def _shape(r: ClassRequest) -> tuple[object, ...]:
+    """Everything placement reads of a class except its service's name."""
+    return (
+        r.count,
+        tuple(sorted(r.resources.items())),
+        tuple(sorted(r.node_selector.items())),
+        r.driver,
+        tuple((a.key, a.operator, tuple(a.values)) for a in r.node_affinity),
+        r.max_per_node,
+        r.spread_by,
+        r.strategy,
+        r.priority,
+    )
+
+
+def identical_groups(requests: Sequence[ClassRequest], table: NodeTable) -> dict[int, list[int]]:
+    """Classes that can be placed as one: new services (none of their replicas is on the
+    table yet) with the same shape, no `avoid` either way, no `prefer` and no shard rotation.
+    Keyed by the first member's position in the batch, which is where the group is placed;
+    every group has at least GROUP_AT_LEAST members."""
+    avoided = {name for names in table.avoids.values() for name in names}
+    named = Counter(r.service for r in requests)
+    by_shape: dict[tuple[object, ...], list[int]] = {}
+    for i, r in enumerate(requests):
+        if (
+            r.count <= 0
+            or not r.service
+            or named[r.service] > 1
+            or r.service in table.placed
+            or r.service in table.avoids
+            or r.service in avoided
+            or r.prefer
+            or r.rotation is not None
+        ):
+            continue
+        by_shape.setdefault(_shape(r), []).append(i)
+    return {g[0]: g for g in by_shape.values() if len(g) >= GROUP_AT_LEAST}
+
+
+@dataclass(eq=False)
+class Dealt:
+    """Where a group of same-shape new services went: row s of each block is service s's
+    replicas, one per column, in the order they were dealt (a service's replicas on one
+    node are adjacent)."""
+
+    kind: str
+    nodes: Index
+    """(services, count): node positions"""
+    rooms: Ints
+    """(services, count): what the node had room for when the replica came to it"""
+    spread_by: str | None = None
+    codes: npt.NDArray[np.int32] | None = None
+    """spread_by: (services, count), each node's label code"""
+    values: dict[str, int] = field(default_factory=dict)
+    per_domain: Ints | None = None
+    """spread_by: (services, domains), each service's replicas in each labelled domain"""
+    share: Floats | None = None
+    """binpack: (services, count), the node's dominant share once the group was booked"""
+
+    def solutions(self, ids: list[str], positions: Index | None = None) -> list[Solution]:
+        """One solution per service, in row order; `positions` maps the rows' node
+        positions to the table of `ids` (a Ray shard's to the whole table)."""
+        nodes = self.nodes if positions is None else positions[self.nodes]
+        size, count = nodes.shape
+        ones = np.ones(count, dtype=np.int64)
+        repeated = np.zeros(size, dtype=bool)
+        if count > 1:
+            repeated = (nodes[:, 1:] == nodes[:, :-1]).any(axis=1)
+        domains: list[dict[int, int]] = [{} for _ in range(size)]
+        if self.per_domain is not None:
+            domains = [{c: n for c, n in enumerate(row) if n} for row in self.per_domain.tolist()]
+        out = []
+        for s in range(size):
+            why = Why(
+                self.kind,
+                ones,
+                self.rooms[s],
+                self.spread_by,
+                None if self.codes is None else self.codes[s],
+                self.values,
+                domains[s],
+                None if self.share is None else self.share[s],
+            )
+            where, take = nodes[s], ones
+            if repeated[s]:
+                where, take, why = _merge_repeats(where, why)
+            out.append(Solution(ids, where, take, 0, "", why))
+        return out
+
+
+def _merge_repeats(row: Index, why: Why) -> tuple[Index, Ints, Why]:
+    """A dealt service's replicas once those on one node (adjacent) are merged: the count on
+    the node after, and the room when the first came."""
+    starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+    take = np.diff(np.r_[starts, len(row)]).astype(np.int64)
+    return (
+        row[starts],
+        take,
+        Why(
+            why.kind,
+            take,
+            why.room[starts],
+            why.spread_by,
+            None if why.codes is None else why.codes[starts],
+            why.values,
+            why.domain_after,
+            None if why.share is None else why.share[starts],
+        ),
+    )
+
+
+def _place_group(members: list[ClassRequest], table: NodeTable) -> Dealt | None:
+    """Place `members` (new services of one shape, `count` replicas each) as one class of
+    their replicas together, then deal those out round-robin: node by node (domain by domain
+    under spread_by), each service takes the next replica in turn. So each service gets
+    exactly `count`, none gets more than its share of a node (max_per_node holds for each),
+    and under spread_by each service's domains stay within one replica of each other
+    wherever the group's do. None when the group does not fit whole: then its members are
+    placed one by one, and each gets its own reason for what does not fit."""
+    first, size = members[0], len(members)
+    whole = replace(
+        first,
+        count=first.count * size,
+        max_per_node=None if first.max_per_node is None else first.max_per_node * size,
+    )
+    plan = _plan(whole, table, group=size)
+    if int(plan.take.sum()) < whole.count:
+        return None
+    where, taken, need, cols = plan.booking()
+    if first.spread_by is not None:
+        # each domain's nodes in one run, so every service takes its even share of it
+        where = where[np.argsort(table.domains(first.spread_by)[where], kind="stable")]
+        taken = plan.take[where]
+    table.book(where, taken, need, cols)
+    # replica r (in node order) goes to service r % size: row s of a (count, size) view
+    nodes = np.repeat(where, taken)
+    on_node = np.arange(len(nodes)) - np.repeat(np.cumsum(taken) - taken, taken)
+    room = np.full(len(nodes), UNLIMITED, dtype=np.int64)
+    if plan.fits:
+        resources = np.minimum.reduce([fit[nodes] for fit in plan.fits]).astype(np.int64)
+        room = np.minimum(room, resources - on_node)
+    if first.max_per_node is not None:
+        room = np.minimum(room, first.max_per_node)
+    dealt = Dealt(
+        first.strategy if first.strategy == "binpack" else "spread",
+        np.ascontiguousarray(nodes.reshape(first.count, size).T),
+        np.ascontiguousarray(room.reshape(first.count, size).T),
+    )
+    if first.strategy == "binpack":
+        share = np.zeros(dealt.nodes.shape)
+        for col in cols:
+            cap = np.maximum(table.capacity[col][dealt.nodes], 1e-12)
+            share = np.maximum(share, table.allocated[col][dealt.nodes] / cap)
+        dealt.share = share
+    elif first.spread_by is not None:
+        key = first.spread_by
+        codes = table.domains(key)[dealt.nodes]
+        width = len(table.vocab.get(key, {})) + 1  # column 0 counts the unlabelled
+        flat = ((codes + 1) + width * np.arange(size)[:, None]).ravel()
+        per_domain = np.bincount(flat, minlength=size * width).reshape(size, width)
+        dealt.spread_by, dealt.codes, dealt.values = key, codes, table.vocab.get(key, {})
+        dealt.per_domain = per_domain[:, 1:]
+    ones = np.ones(first.count, dtype=np.int64)
+    for s, r in enumerate(members):
+        table.placed[r.service] = (dealt.nodes[s], ones)  # repeats summed by `counts`
+    return dealt
 
 
 POOL_SLACK = 0.0
@@ -310,14 +548,36 @@ def _filters(request: ClassRequest, table: NodeTable) -> _Filters:
     return _Filters(steps, eligible)
 
 
-def _place(request: ClassRequest, table: NodeTable) -> Solution:
-    n = len(table)
-    if request.count <= 0:
-        return _empty(request, table.ids)
-    if n == 0:
-        return Solution(
-            table.ids, _no_index(), _no_ints(), request.count, "no nodes are registered"
+@dataclass
+class _Plan:
+    """Where a class would go, before anything is booked."""
+
+    filters: _Filters
+    needs: list[tuple[str, float]]
+    columns: list[int | None]
+    fits: list[Floats]
+    """each asked resource: how many replicas it leaves room for on each node"""
+    per_node_room: Ints | None
+    slots: Ints
+    """replicas each node can take (resources, max_per_node, hard rules)"""
+    counts: Ints
+    take: Ints
+    domain_after: dict[int, int]
+
+    def booking(self) -> tuple[Index, Ints, Floats, Index]:
+        """The chosen nodes, how many on each, and what each replica needs of which column."""
+        where = np.flatnonzero(self.take)
+        cols = np.array([c for c in self.columns if c is not None], dtype=np.intp)
+        need = np.array(
+            [a for c, (_, a) in zip(self.columns, self.needs, strict=True) if c is not None]
         )
+        return where, self.take[where], need, cols
+
+
+def _plan(request: ClassRequest, table: NodeTable, group: int = 1) -> _Plan:
+    """Feasibility, room and the fill for one class (`group` > 1: a group of that many
+    identical services placed as one, see `_place_group`)."""
+    n = len(table)
     filters = _filters(request, table)
     needs = [(r, need) for r, need in request.resources.items() if need > 0]
     columns = [table.column(r) for r, _ in needs]
@@ -338,17 +598,27 @@ def _place(request: ClassRequest, table: NodeTable) -> Solution:
         per_node_room = np.maximum(request.max_per_node - counts, 0)
         slots = np.minimum(slots, per_node_room)
     slots[~filters.eligible] = 0
-    take, domain_after = _distribute(request, table, counts, slots)
-    where = np.flatnonzero(take)
-    taken = take[where]
+    take, domain_after = _distribute(request, table, counts, slots, group)
+    return _Plan(filters, needs, columns, fits, per_node_room, slots, counts, take, domain_after)
+
+
+def _place(request: ClassRequest, table: NodeTable) -> Solution:
+    if request.count <= 0:
+        return _empty(request, table.ids)
+    if len(table) == 0:
+        return Solution(
+            table.ids, _no_index(), _no_ints(), request.count, "no nodes are registered"
+        )
+    plan = _plan(request, table)
+    where, taken, need, cols = plan.booking()
     unplaced = request.count - int(taken.sum())
     reason = ""
     if unplaced:
-        reason = _unplaced_reason(request, filters, needs, fits, per_node_room, slots, take)
-    cols = np.array([c for c in columns if c is not None], dtype=np.intp)
-    need = np.array([a for c, (_, a) in zip(columns, needs, strict=True) if c is not None])
+        reason = _unplaced_reason(
+            request, plan.filters, plan.needs, plan.fits, plan.per_node_room, plan.slots, plan.take
+        )
     table.commit(request.service, where, taken, need, cols)
-    why = _why(request, table, counts, slots, where, taken, cols, domain_after)
+    why = _why(request, table, plan.counts, plan.slots, where, taken, cols, plan.domain_after)
     return Solution(table.ids, where, taken, unplaced, reason, why)
 
 
@@ -388,7 +658,13 @@ def _binpack_key(table: NodeTable, where: Index, cols: Index) -> Floats:
 
 
 def _fill(
-    request: ClassRequest, table: NodeTable, counts: Ints, slots: Ints, where: Index, k: int
+    request: ClassRequest,
+    table: NodeTable,
+    counts: Ints,
+    slots: Ints,
+    where: Index,
+    k: int,
+    group: int = 1,
 ) -> Ints:
     """k replicas over the nodes at `where` (one domain, all with room): preferred tiers
     first."""
@@ -410,11 +686,23 @@ def _fill(
         nodes = where[inner]
         if request.strategy == "binpack":
             got = _binpack(table, slots, nodes, left, cols)
+        elif group > 1:
+            got = _group_spread(table, slots, nodes, left, group)
         else:
             got = water_fill(counts[nodes], slots[nodes], left, _spread_key(table, nodes))
         take[inner] = got
         left -= int(got.sum())
     return take
+
+
+def _group_spread(table: NodeTable, slots: Ints, nodes: Index, k: int, group: int) -> Ints:
+    """Spread for a group of `group` new services sharing k replicas: no node takes more than
+    the group's share of what one service alone would put on it (its k / group replicas
+    over these nodes, rounded up, for each service), and within that the least loaded nodes
+    are raised first."""
+    per_service = -(-k // group)
+    cap = group * -(-per_service // len(nodes))
+    return water_fill(table.totals[nodes], np.minimum(slots[nodes], cap), k, nodes)
 
 
 def _binpack(table: NodeTable, slots: Ints, nodes: Index, k: int, cols: Index) -> Ints:
@@ -440,21 +728,24 @@ def _resource_cols(request: ClassRequest, table: NodeTable) -> Index:
 
 
 def _distribute(
-    request: ClassRequest, table: NodeTable, counts: Ints, slots: Ints
+    request: ClassRequest, table: NodeTable, counts: Ints, slots: Ints, group: int = 1
 ) -> tuple[Ints, dict[int, int]]:
     """How many go on each node, and (with spread_by) each domain's count afterwards."""
     take = np.zeros(len(table), dtype=np.int64)
     # a new service spread without preferences: one replica on each of the least loaded
     # nodes with room (what the water-fill would do), without its set-up
     plain = (
-        request.strategy == "spread" and not request.prefer and request.service not in table.placed
+        group == 1
+        and request.strategy == "spread"
+        and not request.prefer
+        and request.service not in table.placed
     )
     if request.spread_by is None:
         open_ = np.flatnonzero(slots > 0)
         if plain and request.count <= len(open_):
             take[open_[lowest(table.totals[open_], request.count)]] = 1
         else:
-            take[open_] = _fill(request, table, counts, slots, open_, request.count)
+            take[open_] = _fill(request, table, counts, slots, open_, request.count, group)
         return take, {}
     key_name = request.spread_by
     size = len(table.vocab.get(key_name, {}))
@@ -473,19 +764,19 @@ def _distribute(
     quota = water_fill(d_counts, d_slots, request.count, key)
     members = table.members(key_name)
     for code in np.flatnonzero(quota):
-        group = members[int(code)]
-        group = group[slots[group] > 0]
+        nodes = members[int(code)]
+        nodes = nodes[slots[nodes] > 0]
         q = int(quota[code])
-        if plain and q <= len(group):
-            take[group[lowest(table.totals[group], q)]] = 1
+        if plain and q <= len(nodes):
+            take[nodes[lowest(table.totals[nodes], q)]] = 1
         else:
-            take[group] = _fill(request, table, counts, slots, group, q)
+            take[nodes] = _fill(request, table, counts, slots, nodes, q, group)
     left = request.count - int(quota.sum())
     if left > 0:
         # nodes without the label take what the domains could not
-        group = members.get(ABSENT, _no_index())
-        group = group[slots[group] > 0]
-        take[group] = _fill(request, table, counts, slots, group, left)
+        nodes = members.get(ABSENT, _no_index())
+        nodes = nodes[slots[nodes] > 0]
+        take[nodes] = _fill(request, table, counts, slots, nodes, left, group)
     after = d_counts + quota
     return take, {int(code): int(after[code]) for code in np.flatnonzero(quota)}
 

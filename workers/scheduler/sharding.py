@@ -22,7 +22,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from corral.workers.scheduler.placement import ClassRequest, Solution, Why, solve_batch
+from corral.workers.scheduler.placement import (
+    ClassRequest,
+    Dealt,
+    Solution,
+    Why,
+    collection_paused,
+    solve_batch,
+    solve_parts,
+)
 from corral.workers.scheduler.table import Floats, Index, Ints, NodeTable
 
 SPLIT_ABOVE = 0.05
@@ -111,10 +119,16 @@ class Packed:
     whys: list[tuple[str, str | None, dict[str, int], dict[int, int], list[list[str]]] | None]
     """each solution's reason parts without their arrays: kind, spread_by, the label's
     values, domain counts after, matched preferences"""
+    whole: list[str] | None = None
+    """set by `merge`: the whole table's ids, once positions are mapped to it"""
 
-    def unpack(self) -> list[Solution]:
+    def unpack(self, positions: Index | None = None) -> list[Solution]:
+        """The solutions; `positions` maps their node positions to a whole table's (whose
+        ids are then `ids`)."""
         out = []
         bounds = self.bounds.tolist()
+        where = self.where if positions is None else positions[self.where]
+        ids = self.ids if self.whole is None else self.whole
         for i, why in enumerate(self.whys):
             lo, hi = bounds[i], bounds[i + 1]
             explained = None
@@ -133,8 +147,8 @@ class Packed:
                 )
             out.append(
                 Solution(
-                    self.ids,
-                    self.where[lo:hi],
+                    ids,
+                    where[lo:hi],
                     self.take[lo:hi],
                     self.unplaced[i],
                     self.reasons[i],
@@ -179,46 +193,91 @@ def pack(ids: list[str], solutions: Sequence[Solution]) -> Packed:
     )
 
 
-def solve_shard(table: NodeTable, classes: list[ClassRequest]) -> Packed:
+@dataclass(frozen=True)
+class Answer:
+    """A shard's answer: the classes it placed alone (their positions in the shard's list,
+    and their solutions packed), and the groups of same-shape services it placed as one
+    (the members' positions, and where each went, as a few blocks)."""
+
+    alone: list[int]
+    packed: Packed
+    groups: list[tuple[list[int], Dealt]]
+    allocated: Floats
+    """the shard's nodes' allocations once it placed everything (resources, nodes)"""
+    totals: Ints
+
+    def solutions(self, ids: list[str], positions: Index) -> list[tuple[int, Solution]]:
+        """(position in the shard's list, solution) for every class, with node positions
+        mapped to the whole table whose ids are `ids`."""
+        packed = replace(self.packed, whole=ids)
+        out = list(zip(self.alone, packed.unpack(positions), strict=True))
+        for members, dealt in self.groups:
+            out.extend(zip(members, dealt.solutions(ids, positions), strict=True))
+        return out
+
+
+def solve_shard(table: NodeTable, classes: list[ClassRequest]) -> Answer:
     """What each Ray task runs: the one-process solver on its own nodes, packed. Ray hands
     arrays over read-only (zero copy): the ones placing writes to are copied first."""
     table.allocated = table.allocated.copy()
     table.totals = table.totals.copy()
-    return pack(table.ids, solve_batch(classes, table))
+    with collection_paused():
+        singles, groups = solve_parts(classes, table)
+        alone = sorted(singles)
+        packed = pack(table.ids, [singles[i] for i in alone])
+    return Answer(alone, packed, groups, table.allocated, table.totals)
 
 
 def merge(
     table: NodeTable,
     classes: Sequence[ClassRequest],
     shards: Sequence[Shard],
-    answers: Sequence[Packed],
+    answers: Sequence[Answer],
 ) -> list[Solution]:
     """Commit the shards' placements into `table`, then place what they left over on every
     node. Solutions come in the order of `classes`."""
+    with collection_paused():
+        return _merge(table, classes, shards, answers)
+
+
+def _merge(
+    table: NodeTable,
+    classes: Sequence[ClassRequest],
+    shards: Sequence[Shard],
+    answers: Sequence[Answer],
+) -> list[Solution]:
     pieces: list[list[Solution]] = [[] for _ in classes]
-    where_of: list[list[Index]] = [[] for _ in classes]
     for shard, answer in zip(shards, answers, strict=True):
-        for owner, piece in zip(shard.owners, answer.unpack(), strict=True):
-            pieces[owner].append(piece)
-            where_of[owner].append(shard.rows[piece.where])
+        for at, piece in answer.solutions(table.ids, shard.rows):
+            pieces[shard.owners[at]].append(piece)
     merged: list[Solution] = []
     leftovers: list[ClassRequest] = []
     owners: list[int] = []
     for i, c in enumerate(classes):
         parts = pieces[i]
         if len(parts) == 1:
-            # a whole class: its reasons read the same with the whole table's positions
-            where, take = where_of[i][0], parts[0].take
-            missing = c.count - int(take.sum())
-            merged.append(Solution(table.ids, where, take, missing, "", parts[0].explained))
+            # a whole class: its positions are the whole table's already
+            part = parts[0]
+            missing = part.unplaced
+            if missing:  # the repair pass below gives the reason
+                part = Solution(table.ids, part.where, part.take, missing, "", part.explained)
+            merged.append(part)
         else:
-            where, take = np.concatenate(where_of[i]), np.concatenate([p.take for p in parts])
+            where, take = (
+                np.concatenate([p.where for p in parts]),
+                np.concatenate([p.take for p in parts]),
+            )
             missing = c.count - int(take.sum())
             merged.append(Solution(table.ids, where, take, missing, "", pieces=parts))
         if missing:
             leftovers.append(replace(c, count=missing, rotation=None))
             owners.append(i)
-    _commit_all(table, classes, merged)
+    for shard, answer in zip(shards, answers, strict=True):
+        # shards hold disjoint nodes: each one's allocations are the whole table's there
+        table.allocated[:, shard.rows] = answer.allocated
+        table.totals[shard.rows] = answer.totals
+    table.forget_sums()
+    _record(table, classes, merged)
     for i, fixed in zip(owners, solve_batch(leftovers, table), strict=True):
         m = merged[i]
         merged[i] = Solution(
@@ -232,19 +291,8 @@ def merge(
     return merged
 
 
-def _commit_all(table: NodeTable, classes: Sequence[ClassRequest], merged: list[Solution]) -> None:
-    """Book every shard placement in the whole table at once (one scatter per resource)."""
-    if not merged:
-        return
-    where = np.concatenate([m.where for m in merged])
-    take = np.concatenate([m.take for m in merged])
-    owner = np.repeat(np.arange(len(merged)), [len(m.where) for m in merged])
-    for col, resource in enumerate(table.resources):
-        need = np.array([c.resources.get(resource, 0.0) for c in classes])
-        if need.any():
-            np.add.at(table.allocated[col], where, take * need[owner])
-    np.add.at(table.totals, where, take)
-    table.forget_sums()
+def _record(table: NodeTable, classes: Sequence[ClassRequest], merged: list[Solution]) -> None:
+    """Say in `table` whose replicas the shards booked."""
     for c, m in zip(classes, merged, strict=True):
         if len(m.where):
             found = table.placed.get(c.service)

@@ -231,13 +231,7 @@ class NodeTable:
         """Book `take[i]` replicas of `service` on node `where[i]`, each needing `need`."""
         if len(where) == 0:
             return
-        for col, amount in zip(cols, need, strict=True):
-            self.allocated[col, where] += take * amount
-        self.totals[where] += take
-        for key, totals in self._domain_totals.items():
-            codes = self.codes[key][where]
-            labelled = codes != ABSENT
-            np.add.at(totals, codes[labelled], take[labelled])
+        self.book(where, take, need, cols)
         found = self.placed.get(service)
         if found is None:
             self.placed[service] = (where.copy(), take.copy())
@@ -246,6 +240,17 @@ class NodeTable:
                 np.concatenate([found[0], where]),
                 np.concatenate([found[1], take]),
             )
+
+    def book(self, where: Index, take: Ints, need: Floats, cols: Index) -> None:
+        """Book the resources and totals of `take[i]` replicas on node `where[i]` (`commit`
+        without saying whose they are: the caller records that in `placed`)."""
+        for col, amount in zip(cols, need, strict=True):
+            self.allocated[col, where] += take * amount
+        self.totals[where] += take
+        for key, totals in self._domain_totals.items():
+            codes = self.codes[key][where]
+            labelled = codes != ABSENT
+            np.add.at(totals, codes[labelled], take[labelled])
 
     def fresh(
         self,
