@@ -78,6 +78,12 @@ class Settings(BaseSettings):
         ge=1,
         description="a batch of more replicas than this is sharded over Ray tasks",
     )
+    sched_shard_placements_above: int = Field(
+        default=2_000,
+        ge=0,
+        description="and only when it needs more separate placements than this (a group of "
+        "same-shape new services counts once)",
+    )
     sched_shards: int = Field(
         default=0, ge=0, le=1024, description="Ray shards per batch; 0: one per Ray CPU"
     )

@@ -32,7 +32,7 @@ async def test_large_batches_go_to_ray_and_match_the_rules() -> None:
         )
         for i in range(30)
     ]
-    executor = Sharded(above=100, shards=2, num_cpus=2)
+    executor = Sharded(above=100, shards=2, num_cpus=2, placements_above=0)
     try:
         small = await executor.solve(classes[:1], NodeTable.build(nodes))
         assert executor.used == 0

@@ -6,12 +6,20 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from corral.workers.scheduler.placement import ClassRequest, NodeTable, NodeView, solve_batch
-from corral.workers.scheduler.sharding import deal, merge, pack, solve_shard, split
+from corral.workers.scheduler.executors import Sharded, placements
+from corral.workers.scheduler.placement import (
+    ClassRequest,
+    Group,
+    NodeTable,
+    NodeView,
+    solve_batch,
+)
+from corral.workers.scheduler.sharding import Shard, deal, merge, pack, solve_shard, split
 
 GiB = float(2**30)
 
@@ -31,7 +39,7 @@ def cluster(n: int, zones: int = 3, seed: int = 0) -> list[NodeView]:
 
 def sharded(table: NodeTable, classes: list[ClassRequest], shards: int) -> list:
     plan = split(table, classes, shards)
-    answers = [solve_shard(table.shard(s.rows), s.classes) for s in plan]
+    answers = [solve_shard(table.shard(s.rows), s.units) for s in plan]
     return merge(table, classes, plan, answers)
 
 
@@ -45,18 +53,24 @@ def test_deal_gives_every_shard_the_same_zone_mix() -> None:
         assert counts.max() - counts.min() <= 1
 
 
+def parts_of(plan: list[Shard], which: Callable[[int], bool]) -> list[ClassRequest]:
+    """The classes (not groups) of a split whose batch position passes `which`."""
+    out = []
+    for shard in plan:
+        for owners, unit in zip(shard.owners, shard.units, strict=True):
+            assert isinstance(unit, ClassRequest)
+            if which(owners[0]):
+                out.append(unit)
+    return out
+
+
 def test_split_shares_add_up_small_classes_go_whole() -> None:
     table = NodeTable.build(cluster(12))
     counts = (0, 1, 5, 7, 200, 301)
     classes = [ClassRequest(count=c, service=f"s{c}", spread_by="zone") for c in counts]
     plan = split(table, classes, 3)
     for i, c in enumerate(classes):
-        shares = [
-            part.count
-            for s in plan
-            for owner, part in zip(s.owners, s.classes, strict=True)
-            if owner == i
-        ]
+        shares = [part.count for part in parts_of(plan, {i}.__contains__)]
         assert sum(shares) == c.count
         if c.count < 100:
             assert len(shares) == 1  # whole, to one shard
@@ -64,12 +78,7 @@ def test_split_shares_add_up_small_classes_go_whole() -> None:
             assert len(shares) == 3
             assert max(shares) - min(shares) <= 1
     # the odd replicas of the two split classes start in different domains and shards
-    rotations = [
-        part.rotation
-        for s in plan
-        for owner, part in zip(s.owners, s.classes, strict=True)
-        if owner >= 4
-    ]
+    rotations = [part.rotation for part in parts_of(plan, lambda owner: owner >= 4)]
     assert len(set(rotations)) > 1
 
 
@@ -80,7 +89,9 @@ def test_split_balances_the_work() -> None:
         for i in range(40)
     ]
     plan = split(table, classes, 2)
-    spread = [sum(1 for c in s.classes if c.spread_by) for s in plan]
+    groups = [[u for u in s.units if isinstance(u, Group)] for s in plan]
+    assert [len(g) for g in groups] == [2, 2]  # two shapes, each split over both shards
+    spread = [sum(len(g.services) for g in mine if g.template.spread_by) for mine in groups]
     assert spread == [10, 10]
 
 
@@ -177,16 +188,20 @@ def test_packed_answers_keep_every_reason() -> None:
 
 def test_groups_placed_in_shards_merge_into_the_whole_table() -> None:
     nodes = cluster(40)
-    classes = [
-        ClassRequest(count=6, service=f"g{i}", resources={"cpu": 1.0}, spread_by="zone")
-        for i in range(10)
-    ] + [
-        ClassRequest(count=4, service=f"b{i}", resources={"cpu": 2.0}, strategy="binpack")
-        for i in range(6)
-    ] + [ClassRequest(count=5, service="alone", resources={"cpu": 3.0}, max_per_node=1)]
+    classes = (
+        [
+            ClassRequest(count=6, service=f"g{i}", resources={"cpu": 1.0}, spread_by="zone")
+            for i in range(10)
+        ]
+        + [
+            ClassRequest(count=4, service=f"b{i}", resources={"cpu": 2.0}, strategy="binpack")
+            for i in range(6)
+        ]
+        + [ClassRequest(count=5, service="alone", resources={"cpu": 3.0}, max_per_node=1)]
+    )
     table = NodeTable.build(nodes)
     plan = split(table, classes, 2)
-    answers = [solve_shard(table.shard(s.rows), s.classes) for s in plan]
+    answers = [solve_shard(table.shard(s.rows), s.units) for s in plan]
     assert all(a.groups for a in answers)  # the shards did place groups
     solutions = merge(table, classes, plan, answers)
     used = np.zeros(len(nodes))
@@ -207,3 +222,18 @@ def test_groups_placed_in_shards_merge_into_the_whole_table() -> None:
             assert max(per_zone) - min(per_zone) <= 1
     assert np.allclose(table.used("cpu"), used)
     assert table.totals.sum() == sum(c.count for c in classes)
+
+
+async def test_a_large_batch_of_few_shapes_is_solved_in_process() -> None:
+    nodes = cluster(30)
+    classes = [ClassRequest(count=5, service=f"g{i}", resources={"cpu": 0.5}) for i in range(20)]
+    classes += [
+        ClassRequest(count=5, service=f"a{i}", resources={"cpu": 0.1 * (i + 1)}) for i in range(3)
+    ]
+    table = NodeTable.build(nodes)
+    assert placements(classes, table) == 4  # one group, three alone
+    executor = Sharded(above=10, shards=2, placements_above=4)
+    solutions = await executor.solve(classes, table)
+    assert executor.used == 0
+    assert not executor._started  # Ray was never started
+    assert sum(s.placed for s in solutions) == 115

@@ -6,10 +6,23 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+from collections.abc import Iterator
 from typing import Any, Protocol
 
-from corral.workers.scheduler.placement import ClassRequest, NodeTable, Solution, solve_batch
-from corral.workers.scheduler.sharding import Answer, merge, shard_count, solve_shard, split
+from corral.workers.scheduler.placement import (
+    ClassRequest,
+    NodeTable,
+    Solution,
+    identical_groups,
+    solve_batch,
+)
+from corral.workers.scheduler.sharding import (
+    Answer,
+    merge_arriving,
+    shard_count,
+    solve_shard,
+    split,
+)
 
 IN_THREAD_ABOVE = 2_000
 """replicas: a batch this large is solved off the event loop, so heartbeats keep flowing"""
@@ -26,8 +39,8 @@ class Executor(Protocol):
 def solve_pickled(shard: bytes) -> Answer:
     """`solve_shard` on a shard pickled by the caller: the standard pickler takes about half
     the time of Ray's own (cloudpickle) for a shard's thousands of small classes."""
-    table, classes = pickle.loads(shard)
-    return solve_shard(table, classes)
+    table, units = pickle.loads(shard)
+    return solve_shard(table, units)
 
 
 class InProcess:
@@ -40,14 +53,35 @@ class InProcess:
         return None
 
 
-class Sharded:
-    """Batches above `above` replicas go to Ray, one task per shard of nodes; smaller ones are
-    solved in this process. Ray is imported and started on the first large batch, never
-    before: joining the cluster in `RAY_ADDRESS` when it is set, else a local Ray on this
-    machine's CPUs (without the dashboard)."""
+PLACEMENTS_ABOVE = 2_000
+"""a batch goes to Ray only when it also needs more separate placements than this (groups
+of same-shape services count once): fewer take one process less time than Ray's fixed costs
+(about 0.1 s on 2 cores: pickling the shards, dispatch, the merge); the scheduler's is
+`CORRAL_SCHED_SHARD_PLACEMENTS_ABOVE`"""
 
-    def __init__(self, above: int, shards: int = 0, *, num_cpus: int | None = None) -> None:
+
+def placements(classes: list[ClassRequest], table: NodeTable) -> int:
+    """The separate placements a batch needs: each group of same-shape services once."""
+    groups = identical_groups(classes, table)
+    return len(classes) - sum(len(members) - 1 for members in groups.values())
+
+
+class Sharded:
+    """Batches above `above` replicas (and `placements_above` separate placements) go to Ray,
+    one task per shard of nodes; smaller ones are solved in this process. Ray is imported and
+    started on the first large batch, never before: joining the cluster in `RAY_ADDRESS` when
+    it is set, else a local Ray on this machine's CPUs (without the dashboard)."""
+
+    def __init__(
+        self,
+        above: int,
+        shards: int = 0,
+        *,
+        num_cpus: int | None = None,
+        placements_above: int = PLACEMENTS_ABOVE,
+    ) -> None:
         self.above = above
+        self.placements_above = placements_above
         self.shards = shards
         self.num_cpus = num_cpus
         self.local = InProcess()
@@ -81,7 +115,10 @@ class Sharded:
         return self._ensure()
 
     async def solve(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
-        if sum(c.count for c in classes) <= self.above:
+        if (
+            sum(c.count for c in classes) <= self.above
+            or placements(classes, table) <= self.placements_above
+        ):
             return await self.local.solve(classes, table)
         return await asyncio.to_thread(self.solve_now, classes, table)
 
@@ -91,12 +128,21 @@ class Sharded:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         shards = split(table, classes, shard_count(self.shards, cpus))
         refs = [
-            self._task.remote(pickle.dumps((table.shard(s.rows), s.classes), protocol=5))
+            self._task.remote(pickle.dumps((table.shard(s.rows), s.units), protocol=5))
             for s in shards
         ]
-        answers = ray.get(refs)
         self.used += 1
-        return merge(table, classes, shards, answers)
+
+        def arrivals() -> Iterator[tuple[int, Answer]]:
+            # each shard's answer as it comes: the merge reads one while the others run
+            shard_of = {ref: s for s, ref in enumerate(refs)}
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    yield shard_of[ref], ray.get(ref)
+
+        return merge_arriving(table, classes, shards, arrivals())
 
     async def close(self) -> None:
         if self._started:

@@ -55,15 +55,15 @@ def water_fill(counts: Ints, slots: Ints, k: int, key: npt.NDArray[np.generic]) 
         where = np.flatnonzero(at_low)
         take[where[lowest(key[where], k)]] = 1
         return take
-    ceiling = counts + slots
-    lo, hi = low, int(min(int(ceiling[open_].max()), int(counts[open_].max()) + k))
+    c, s = counts[open_], slots[open_]
+    lo, hi = low, int(min(int((c + s).max()), int(c.max()) + k))
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if int(np.clip(mid - counts, 0, slots).sum()) <= k:
+        if int(np.minimum(np.maximum(mid - c, 0), s).sum()) <= k:
             lo = mid
         else:
             hi = mid - 1
-    take = np.clip(lo - counts, 0, slots).astype(np.int64)
+    take = np.minimum(np.maximum(lo - counts, 0), slots).astype(np.int64)
     rest = k - int(take.sum())
     if rest > 0:
         where = np.flatnonzero((counts + take == lo) & (take < slots))

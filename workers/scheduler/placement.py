@@ -36,7 +36,18 @@ from corral.workers.scheduler.filling import (
 from corral.workers.scheduler.table import ABSENT, Bools, Floats, Index, Ints, NodeTable, NodeView
 
 UNLIMITED = 1 << 30
-__all__ = ["UNLIMITED", "ClassRequest", "NodeTable", "NodeView", "Solution", "solve", "solve_batch"]
+__all__ = [
+    "UNLIMITED",
+    "ClassRequest",
+    "Group",
+    "NodeTable",
+    "NodeView",
+    "Solution",
+    "solve",
+    "solve_batch",
+    "solve_units",
+    "units_of",
+]
 
 
 @dataclass(frozen=True)
@@ -218,12 +229,10 @@ def batch_order(requests: Sequence[ClassRequest]) -> list[int]:
 def solve_batch(requests: Sequence[ClassRequest], table: NodeTable) -> list[Solution]:
     """Place every class, committing each into `table`; solutions come in request order."""
     with collection_paused():
-        singles, groups = solve_parts(requests, table)
+        units, owners = units_of(requests, table)
         out: list[Solution | None] = [None] * len(requests)
-        for i, solution in singles.items():
-            out[i] = solution
-        for members, dealt in groups:
-            for i, solution in zip(members, dealt.solutions(table.ids), strict=True):
+        for placed, positions in zip(solve_units(units, table), owners, strict=True):
+            for i, solution in zip(positions, solutions_of(placed, table.ids), strict=True):
                 out[i] = solution
     return [s for s in out if s is not None]
 
@@ -261,35 +270,84 @@ def collection_paused() -> Iterator[None]:
                 gc.enable()
 
 
-def solve_parts(
+@dataclass(frozen=True)
+class Group:
+    """New services of one shape, placed as one (see `identical_groups`): each member is
+    `template` under another service name."""
+
+    template: ClassRequest
+    services: list[str]
+
+    def whole(self) -> ClassRequest:
+        """The group as one class of all its replicas."""
+        t, size = self.template, len(self.services)
+        most = None if t.max_per_node is None else t.max_per_node * size
+        return replace(t, count=t.count * size, max_per_node=most)
+
+    def member(self, service: str) -> ClassRequest:
+        return replace(self.template, service=service)
+
+
+Unit = ClassRequest | Group
+"""what the solver places in one go: a class alone, or a group"""
+
+
+def units_of(
     requests: Sequence[ClassRequest], table: NodeTable
-) -> tuple[dict[int, Solution], list[tuple[list[int], Dealt]]]:
-    """`solve_batch` before the groups' solutions are written out: the classes placed alone
-    (by position in `requests`), and each group placed as one (its members' positions, and
-    where each went). Ray shards send this back: a group's arrays travel as a few blocks."""
+) -> tuple[list[Unit], list[list[int]]]:
+    """The batch as units: each group where its first member is, every other class alone;
+    and, for each unit, the positions of its services in `requests`."""
     for r in requests:
         if r.avoid:
             table.avoids[r.service] = r.avoid
-    singles: dict[int, Solution] = {}
-    groups: list[tuple[list[int], Dealt]] = []
-    table.pool = binpack_pool(table, [r for r in requests if r.strategy == "binpack"])
     same = identical_groups(requests, table)
-    grouped: set[int] = set()
+    first_of = {j: first for first, members in same.items() for j in members}
+    units: list[Unit] = []
+    owners: list[list[int]] = []
+    for i, r in enumerate(requests):
+        first = first_of.get(i)
+        if first is None:
+            units.append(r)
+            owners.append([i])
+        elif first == i:
+            units.append(Group(r, [requests[j].service for j in same[i]]))
+            owners.append(same[i])
+    return units, owners
+
+
+def solve_units(units: Sequence[Unit], table: NodeTable) -> list[Placed]:
+    """Place every unit in batch order (`batch_order`, a group as its whole), committing each
+    into `table`; answers come in the order of `units`."""
+    for u in units:
+        if isinstance(u, ClassRequest) and u.avoid:
+            table.avoids[u.service] = u.avoid
+    heads = [u if isinstance(u, ClassRequest) else u.whole() for u in units]
+    out: list[Placed | None] = [None] * len(units)
+    table.pool = binpack_pool(table, [h for h in heads if h.strategy == "binpack"])
     try:
-        for i in batch_order(requests):
-            members = same.get(i)
-            if members:
-                dealt = _place_group([requests[j] for j in members], table)
-                if dealt is not None:
-                    groups.append((members, dealt))
-                    grouped.update(members)
-                    continue
-            # alone, or a member of a group that did not fit whole (each in its turn)
-            if i not in grouped:
-                singles[i] = _place(requests[i], table)
+        for k in batch_order(heads):
+            unit = units[k]
+            if isinstance(unit, ClassRequest):
+                out[k] = _place(unit, table)
+                continue
+            dealt = _place_group(unit, table)
+            if dealt is None:
+                # it does not fit whole: each member alone, with its own reason
+                out[k] = [_place(unit.member(name), table) for name in unit.services]
+            else:
+                out[k] = dealt
     finally:
         table.pool = None
-    return singles, groups
+    return [p for p in out if p is not None]
+
+
+def solutions_of(placed: Placed, ids: list[str]) -> list[Solution]:
+    """A unit's answer as one solution per service, in the unit's order."""
+    if isinstance(placed, Solution):
+        return [placed]
+    if isinstance(placed, Dealt):
+        return placed.solutions(ids)
+    return placed
 
 
 GROUP_AT_LEAST = 2
@@ -301,9 +359,11 @@ def _shape(r: ClassRequest) -> tuple[object, ...]:
     return (
         r.count,
         tuple(sorted(r.resources.items())),
-        tuple(sorted(r.node_selector.items())),
+        tuple(sorted(r.node_selector.items())) if r.node_selector else (),
         r.driver,
-        tuple((a.key, a.operator, tuple(a.values)) for a in r.node_affinity),
+        tuple((a.key, a.operator, tuple(a.values)) for a in r.node_affinity)
+        if r.node_affinity
+        else (),
         r.max_per_node,
         r.spread_by,
         r.strategy,
@@ -367,23 +427,26 @@ class Dealt:
         domains: list[dict[int, int]] = [{} for _ in range(size)]
         if self.per_domain is not None:
             domains = [{c: n for c, n in enumerate(row) if n} for row in self.per_domain.tolist()]
+        nothing: list[None] = [None] * size
+        codes = nothing if self.codes is None else list(self.codes)
+        share = nothing if self.share is None else list(self.share)
+        kind, spread_by, values = self.kind, self.spread_by, self.values
         out = []
-        for s in range(size):
-            why = Why(
-                self.kind,
-                ones,
-                self.rooms[s],
-                self.spread_by,
-                None if self.codes is None else self.codes[s],
-                self.values,
-                domains[s],
-                None if self.share is None else self.share[s],
-            )
-            where, take = nodes[s], ones
-            if repeated[s]:
+        for where, room, code, full, domain, twice in zip(
+            list(nodes), list(self.rooms), codes, share, domains, repeated.tolist(), strict=True
+        ):
+            why = Why(kind, ones, room, spread_by, code, values, domain, full)
+            if twice:
                 where, take, why = _merge_repeats(where, why)
-            out.append(Solution(ids, where, take, 0, "", why))
+                out.append(Solution(ids, where, take, 0, "", why))
+            else:
+                out.append(Solution(ids, where, ones, 0, "", why))
         return out
+
+
+Placed = Solution | Dealt | list[Solution]
+"""a unit's answer: a class's solution; a group's; or its members' (one by one, in order)
+when the group did not fit whole"""
 
 
 def _merge_repeats(row: Index, why: Why) -> tuple[Index, Ints, Why]:
@@ -407,20 +470,16 @@ def _merge_repeats(row: Index, why: Why) -> tuple[Index, Ints, Why]:
     )
 
 
-def _place_group(members: list[ClassRequest], table: NodeTable) -> Dealt | None:
-    """Place `members` (new services of one shape, `count` replicas each) as one class of
+def _place_group(group: Group, table: NodeTable) -> Dealt | None:
+    """Place a group (new services of one shape, `count` replicas each) as one class of
     their replicas together, then deal those out round-robin: node by node (domain by domain
     under spread_by), each service takes the next replica in turn. So each service gets
     exactly `count`, none gets more than its share of a node (max_per_node holds for each),
     and under spread_by each service's domains stay within one replica of each other
-    wherever the group's do. None when the group does not fit whole: then its members are
-    placed one by one, and each gets its own reason for what does not fit."""
-    first, size = members[0], len(members)
-    whole = replace(
-        first,
-        count=first.count * size,
-        max_per_node=None if first.max_per_node is None else first.max_per_node * size,
-    )
+    wherever the group's do. None when the group does not fit whole (nothing is booked):
+    then its members are placed one by one, and each gets its own reason."""
+    first, size = group.template, len(group.services)
+    whole = group.whole()
     plan = _plan(whole, table, group=size)
     if int(plan.take.sum()) < whole.count:
         return None
@@ -459,8 +518,8 @@ def _place_group(members: list[ClassRequest], table: NodeTable) -> Dealt | None:
         dealt.spread_by, dealt.codes, dealt.values = key, codes, table.vocab.get(key, {})
         dealt.per_domain = per_domain[:, 1:]
     ones = np.ones(first.count, dtype=np.int64)
-    for s, r in enumerate(members):
-        table.placed[r.service] = (dealt.nodes[s], ones)  # repeats summed by `counts`
+    for s, name in enumerate(group.services):
+        table.placed[name] = (dealt.nodes[s], ones)  # repeats summed by `counts`
     return dealt
 
 

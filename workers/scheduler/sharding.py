@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,11 +25,15 @@ import numpy.typing as npt
 from corral.workers.scheduler.placement import (
     ClassRequest,
     Dealt,
+    Group,
     Solution,
+    Unit,
     Why,
     collection_paused,
+    solutions_of,
     solve_batch,
-    solve_parts,
+    solve_units,
+    units_of,
 )
 from corral.workers.scheduler.table import Floats, Index, Ints, NodeTable
 
@@ -42,10 +46,11 @@ ones go whole to the shard with the fewest replicas so far"""
 class Shard:
     rows: Index
     """positions of the shard's nodes in the whole table"""
-    classes: list[ClassRequest]
-    """the shard's share of the replicas: whole classes, and its part of each split one"""
-    owners: list[int]
-    """for each of `classes`, its position in the batch"""
+    units: list[Unit]
+    """the shard's share of the replicas: whole classes and groups, its part of each split
+    class, and its members of each split group"""
+    owners: list[list[int]]
+    """for each of `units`, the positions of its services in the batch"""
 
 
 def deal(table: NodeTable, shards: int, keys: Sequence[str]) -> list[Index]:
@@ -67,37 +72,60 @@ def cost(c: ClassRequest) -> float:
     return 1.0 + (2.0 if c.spread_by else 0.0) + 0.5 * len(c.prefer) + c.count / 1000
 
 
+def unit_cost(unit: Unit) -> float:
+    """A group costs one placement of its whole, and a little for each member dealt."""
+    if isinstance(unit, ClassRequest):
+        return cost(unit)
+    return cost(unit.whole()) + 0.05 * len(unit.services)
+
+
+def _size(unit: Unit) -> int:
+    if isinstance(unit, ClassRequest):
+        return unit.count
+    return unit.template.count * len(unit.services)
+
+
 def split(table: NodeTable, classes: Sequence[ClassRequest], shards: int) -> list[Shard]:
+    """Deal the nodes into shards and give each shard its share of the batch's units (groups
+    of same-shape services, found here once, and classes alone)."""
     shards = max(1, min(shards, len(table)))
     keys = sorted({c.spread_by for c in classes if c.spread_by is not None})
     rows = deal(table, shards, keys)
-    parts: list[list[ClassRequest]] = [[] for _ in range(shards)]
-    owners: list[list[int]] = [[] for _ in range(shards)]
+    units, owners = units_of(classes, table)
+    parts: list[list[Unit]] = [[] for _ in range(shards)]
+    part_owners: list[list[list[int]]] = [[] for _ in range(shards)]
     load = [0.0] * shards
     big = SPLIT_ABOVE * sum(c.count for c in classes) / shards
     base: dict[str, int] = {}
-    for i, c in enumerate(classes):
-        if c.count <= big or shards == 1:
-            s = min(range(shards), key=load.__getitem__)
-            parts[s].append(c)
-            owners[s].append(i)
-            load[s] += cost(c)
-            continue
-        whole, odd = divmod(c.count, shards)
-        start = i % shards
-        shares = [whole + (1 if (s - start) % shards < odd else 0) for s in range(shards)]
-        domains = max(1, len(table.vocab.get(c.spread_by, {}))) if c.spread_by else 1
-        offset = base.get(c.spread_by or "", 0)
-        for s in range(shards):
-            rotation = offset % domains if c.spread_by else None
-            parts[s].append(replace(c, count=shares[s], rotation=rotation))
-            owners[s].append(i)
-            load[s] += cost(replace(c, count=shares[s]))
-            offset += shares[s] % domains
-        if c.spread_by:
-            # the next split class starts where this one stopped: domains fill evenly
-            base[c.spread_by] = offset % domains
-    return [Shard(rows[s], parts[s], owners[s]) for s in range(shards)]
+
+    def give(s: int, unit: Unit, own: list[int]) -> None:
+        parts[s].append(unit)
+        part_owners[s].append(own)
+        load[s] += unit_cost(unit)
+
+    for i, (unit, own) in enumerate(zip(units, owners, strict=True)):
+        if _size(unit) <= big or shards == 1:
+            give(min(range(shards), key=load.__getitem__), unit, own)
+        elif isinstance(unit, Group):
+            # its services go whole, a share of them to each shard
+            for s in range(shards):
+                if unit.services[s::shards]:
+                    give(s, Group(unit.template, unit.services[s::shards]), own[s::shards])
+        else:
+            c = unit
+            whole, odd = divmod(c.count, shards)
+            start = i % shards
+            shares = [whole + (1 if (s - start) % shards < odd else 0) for s in range(shards)]
+            domains = max(1, len(table.vocab.get(c.spread_by, {}))) if c.spread_by else 1
+            offset = base.get(c.spread_by or "", 0)
+            for s in range(shards):
+                rotation = offset % domains if c.spread_by else None
+                give(s, replace(c, count=shares[s], rotation=rotation), own)
+                offset += shares[s] % domains
+            if c.spread_by:
+                # the next split class starts where this one stopped: domains fill evenly
+                base[c.spread_by] = offset % domains
+    return [Shard(rows[s], parts[s], part_owners[s]) for s in range(shards)]
 
 
 @dataclass(frozen=True)
@@ -195,36 +223,47 @@ def pack(ids: list[str], solutions: Sequence[Solution]) -> Packed:
 
 @dataclass(frozen=True)
 class Answer:
-    """A shard's answer: the classes it placed alone (their positions in the shard's list,
-    and their solutions packed), and the groups of same-shape services it placed as one
-    (the members' positions, and where each went, as a few blocks)."""
+    """A shard's answer: the solutions of what it placed alone, packed, each with its unit
+    (and member) in the shard's list; and each group it placed as one (its unit, and where
+    each member went, as a few blocks)."""
 
-    alone: list[int]
+    alone: list[tuple[int, int]]
     packed: Packed
-    groups: list[tuple[list[int], Dealt]]
+    groups: list[tuple[int, Dealt]]
     allocated: Floats
     """the shard's nodes' allocations once it placed everything (resources, nodes)"""
     totals: Ints
 
-    def solutions(self, ids: list[str], positions: Index) -> list[tuple[int, Solution]]:
-        """(position in the shard's list, solution) for every class, with node positions
-        mapped to the whole table whose ids are `ids`."""
+    def solutions(self, ids: list[str], positions: Index) -> list[tuple[int, int, Solution]]:
+        """(unit, member, solution) for every service, with node positions mapped to the
+        whole table whose ids are `ids`."""
         packed = replace(self.packed, whole=ids)
-        out = list(zip(self.alone, packed.unpack(positions), strict=True))
-        for members, dealt in self.groups:
-            out.extend(zip(members, dealt.solutions(ids, positions), strict=True))
+        out = [
+            (k, m, solution)
+            for (k, m), solution in zip(self.alone, packed.unpack(positions), strict=True)
+        ]
+        for k, dealt in self.groups:
+            out.extend((k, m, s) for m, s in enumerate(dealt.solutions(ids, positions)))
         return out
 
 
-def solve_shard(table: NodeTable, classes: list[ClassRequest]) -> Answer:
+def solve_shard(table: NodeTable, units: list[Unit]) -> Answer:
     """What each Ray task runs: the one-process solver on its own nodes, packed. Ray hands
     arrays over read-only (zero copy): the ones placing writes to are copied first."""
     table.allocated = table.allocated.copy()
     table.totals = table.totals.copy()
+    alone: list[tuple[int, int]] = []
+    singles: list[Solution] = []
+    groups: list[tuple[int, Dealt]] = []
     with collection_paused():
-        singles, groups = solve_parts(classes, table)
-        alone = sorted(singles)
-        packed = pack(table.ids, [singles[i] for i in alone])
+        for k, placed in enumerate(solve_units(units, table)):
+            if isinstance(placed, Dealt):
+                groups.append((k, placed))
+                continue
+            for m, solution in enumerate(solutions_of(placed, table.ids)):
+                alone.append((k, m))
+                singles.append(solution)
+        packed = pack(table.ids, singles)
     return Answer(alone, packed, groups, table.allocated, table.totals)
 
 
@@ -236,71 +275,93 @@ def merge(
 ) -> list[Solution]:
     """Commit the shards' placements into `table`, then place what they left over on every
     node. Solutions come in the order of `classes`."""
+    return merge_arriving(table, classes, shards, enumerate(answers))
+
+
+def merge_arriving(
+    table: NodeTable,
+    classes: Sequence[ClassRequest],
+    shards: Sequence[Shard],
+    arrivals: Iterable[tuple[int, Answer]],
+) -> list[Solution]:
+    """`merge`, reading (shard, answer) pairs in the order the shards finish: each answer's
+    solutions are written out while the other shards are still being solved."""
     with collection_paused():
-        return _merge(table, classes, shards, answers)
+        return _merge(table, classes, shards, arrivals)
 
 
 def _merge(
     table: NodeTable,
     classes: Sequence[ClassRequest],
     shards: Sequence[Shard],
-    answers: Sequence[Answer],
+    arrivals: Iterable[tuple[int, Answer]],
 ) -> list[Solution]:
-    pieces: list[list[Solution]] = [[] for _ in classes]
-    for shard, answer in zip(shards, answers, strict=True):
-        for at, piece in answer.solutions(table.ids, shard.rows):
-            pieces[shard.owners[at]].append(piece)
-    merged: list[Solution] = []
-    leftovers: list[ClassRequest] = []
-    owners: list[int] = []
-    for i, c in enumerate(classes):
-        parts = pieces[i]
-        if len(parts) == 1:
-            # a whole class: its positions are the whole table's already
-            part = parts[0]
-            missing = part.unplaced
-            if missing:  # the repair pass below gives the reason
-                part = Solution(table.ids, part.where, part.take, missing, "", part.explained)
-            merged.append(part)
-        else:
-            where, take = (
-                np.concatenate([p.where for p in parts]),
-                np.concatenate([p.take for p in parts]),
-            )
-            missing = c.count - int(take.sum())
-            merged.append(Solution(table.ids, where, take, missing, "", pieces=parts))
-        if missing:
-            leftovers.append(replace(c, count=missing, rotation=None))
-            owners.append(i)
-    for shard, answer in zip(shards, answers, strict=True):
+    first: list[Solution | None] = [None] * len(classes)
+    first_from = [0] * len(classes)
+    more: dict[int, list[tuple[int, Solution]]] = {}
+    """classes split over shards: their other pieces, with the shard each came from"""
+    for s, answer in arrivals:
+        shard = shards[s]
+        for k, m, piece in answer.solutions(table.ids, shard.rows):
+            i = shard.owners[k][m]
+            if first[i] is None:
+                first[i], first_from[i] = piece, s
+            else:
+                more.setdefault(i, []).append((s, piece))
         # shards hold disjoint nodes: each one's allocations are the whole table's there
         table.allocated[:, shard.rows] = answer.allocated
         table.totals[shard.rows] = answer.totals
     table.forget_sums()
-    _record(table, classes, merged)
+    merged: list[Solution] = []
+    leftovers: list[ClassRequest] = []
+    owners: list[int] = []
+    for i, c in enumerate(classes):
+        part = first[i]
+        if part is None:
+            raise ValueError(f"no shard answered for class {i} ({c.service})")
+        if i in more:
+            # in shard order, whatever order they came in
+            parts = [p for _, p in sorted([(first_from[i], part), *more[i]], key=_by_shard)]
+            where = np.concatenate([p.where for p in parts])
+            take = np.concatenate([p.take for p in parts])
+            missing = c.count - int(take.sum())
+            part = Solution(table.ids, where, take, missing, "", pieces=parts)
+        else:
+            # a whole class: its positions are the whole table's already
+            missing = part.unplaced
+            if missing:  # the repair pass below gives the reason
+                part = Solution(table.ids, part.where, part.take, missing, "", part.explained)
+        merged.append(part)
+        if len(part.where):
+            _record(table, c.service, part)
+        if missing:
+            leftovers.append(replace(c, count=missing, rotation=None))
+            owners.append(i)
     for i, fixed in zip(owners, solve_batch(leftovers, table), strict=True):
-        m = merged[i]
+        was = merged[i]
         merged[i] = Solution(
             table.ids,
-            np.concatenate([m.where, fixed.where]),
-            np.concatenate([m.take, fixed.take]),
+            np.concatenate([was.where, fixed.where]),
+            np.concatenate([was.take, fixed.take]),
             fixed.unplaced,
             _whole(fixed.reason, classes[i].count, fixed.unplaced),
-            pieces=[*(m.pieces or [_alone(m)]), fixed],
+            pieces=[*(was.pieces or [_alone(was)]), fixed],
         )
     return merged
 
 
-def _record(table: NodeTable, classes: Sequence[ClassRequest], merged: list[Solution]) -> None:
-    """Say in `table` whose replicas the shards booked."""
-    for c, m in zip(classes, merged, strict=True):
-        if len(m.where):
-            found = table.placed.get(c.service)
-            table.placed[c.service] = (
-                (m.where, m.take)
-                if found is None
-                else (np.concatenate([found[0], m.where]), np.concatenate([found[1], m.take]))
-            )
+def _by_shard(item: tuple[int, Solution]) -> int:
+    return item[0]
+
+
+def _record(table: NodeTable, service: str, placed: Solution) -> None:
+    """Say in `table` whose replicas a shard booked."""
+    found = table.placed.get(service)
+    table.placed[service] = (
+        (placed.where, placed.take)
+        if found is None
+        else (np.concatenate([found[0], placed.where]), np.concatenate([found[1], placed.take]))
+    )
 
 
 def _alone(solution: Solution) -> Solution:

@@ -92,7 +92,9 @@ class SchedulerWorker:
         self._shapes: dict[str, tuple[object, ...]] = {}
         """node id -> what the template holds of it (labels, capacity, drivers)"""
         self.executor: Executor = executor or Sharded(
-            ctx.settings.sched_shard_above, ctx.settings.sched_shards
+            ctx.settings.sched_shard_above,
+            ctx.settings.sched_shards,
+            placements_above=ctx.settings.sched_shard_placements_above,
         )
         self.loops = Loops("scheduler")
         self._queue: list[_Asked] = []
