@@ -51,6 +51,8 @@ class Shard:
     class, and its members of each split group"""
     owners: list[list[int]]
     """for each of `units`, the positions of its services in the batch"""
+    shared: frozenset[int] = frozenset()
+    """positions of the classes split over every shard (the same set in each)"""
 
 
 def deal(table: NodeTable, shards: int, keys: Sequence[str]) -> list[Index]:
@@ -125,7 +127,13 @@ def split(table: NodeTable, classes: Sequence[ClassRequest], shards: int) -> lis
             if c.spread_by:
                 # the next split class starts where this one stopped: domains fill evenly
                 base[c.spread_by] = offset % domains
-    return [Shard(rows[s], parts[s], part_owners[s]) for s in range(shards)]
+    shared = frozenset(
+        i
+        for own, unit in zip(owners, units, strict=True)
+        for i in own
+        if isinstance(unit, ClassRequest) and _size(unit) > big and shards > 1
+    )
+    return [Shard(rows[s], parts[s], part_owners[s], shared) for s in range(shards)]
 
 
 @dataclass(frozen=True)
@@ -237,14 +245,18 @@ class Answer:
     def solutions(self, ids: list[str], positions: Index) -> list[tuple[int, int, Solution]]:
         """(unit, member, solution) for every service, with node positions mapped to the
         whole table whose ids are `ids`."""
-        packed = replace(self.packed, whole=ids)
-        out = [
-            (k, m, solution)
-            for (k, m), solution in zip(self.alone, packed.unpack(positions), strict=True)
-        ]
+        out = self.singles(ids, positions)
         for k, dealt in self.groups:
             out.extend((k, m, s) for m, s in enumerate(dealt.solutions(ids, positions)))
         return out
+
+    def singles(self, ids: list[str], positions: Index) -> list[tuple[int, int, Solution]]:
+        """`solutions` of what the shard placed alone"""
+        packed = replace(self.packed, whole=ids)
+        return [
+            (k, m, solution)
+            for (k, m), solution in zip(self.alone, packed.unpack(positions), strict=True)
+        ]
 
 
 def solve_shard(table: NodeTable, units: list[Unit]) -> Answer:
@@ -296,58 +308,62 @@ def _merge(
     shards: Sequence[Shard],
     arrivals: Iterable[tuple[int, Answer]],
 ) -> list[Solution]:
-    first: list[Solution | None] = [None] * len(classes)
-    first_from = [0] * len(classes)
-    more: dict[int, list[tuple[int, Solution]]] = {}
-    """classes split over shards: their other pieces, with the shard each came from"""
+    ids = table.ids
+    merged: list[Solution | None] = [None] * len(classes)
+    pieces: dict[int, list[tuple[int, Solution]]] = {}
+    """the classes split over shards: each piece, with the shard it came from"""
+    short: list[int] = []
+    """classes a shard could not place whole"""
     for s, answer in arrivals:
         shard = shards[s]
-        for k, m, piece in answer.solutions(table.ids, shard.rows):
+        for k, m, piece in answer.singles(ids, shard.rows):
             i = shard.owners[k][m]
-            if first[i] is None:
-                first[i], first_from[i] = piece, s
-            else:
-                more.setdefault(i, []).append((s, piece))
+            if i in shard.shared:
+                pieces.setdefault(i, []).append((s, piece))
+                continue
+            # a whole class: its positions are the whole table's already
+            if piece.unplaced:  # the repair pass below gives the reason
+                piece = Solution(ids, piece.where, piece.take, piece.unplaced, "", piece.explained)
+                short.append(i)
+            merged[i] = piece
+            _record(table, classes[i].service, piece)
+        for k, dealt in answer.groups:
+            # a group's members are whole and placed in full
+            for i, piece in zip(shard.owners[k], dealt.solutions(ids, shard.rows), strict=True):
+                merged[i] = piece
+                table.placed[classes[i].service] = (piece.where, piece.take)
         # shards hold disjoint nodes: each one's allocations are the whole table's there
         table.allocated[:, shard.rows] = answer.allocated
         table.totals[shard.rows] = answer.totals
     table.forget_sums()
-    merged: list[Solution] = []
-    leftovers: list[ClassRequest] = []
-    owners: list[int] = []
-    for i, c in enumerate(classes):
-        part = first[i]
-        if part is None:
-            raise ValueError(f"no shard answered for class {i} ({c.service})")
-        if i in more:
-            # in shard order, whatever order they came in
-            parts = [p for _, p in sorted([(first_from[i], part), *more[i]], key=_by_shard)]
-            where = np.concatenate([p.where for p in parts])
-            take = np.concatenate([p.take for p in parts])
-            missing = c.count - int(take.sum())
-            part = Solution(table.ids, where, take, missing, "", pieces=parts)
-        else:
-            # a whole class: its positions are the whole table's already
-            missing = part.unplaced
-            if missing:  # the repair pass below gives the reason
-                part = Solution(table.ids, part.where, part.take, missing, "", part.explained)
-        merged.append(part)
-        if len(part.where):
-            _record(table, c.service, part)
-        if missing:
-            leftovers.append(replace(c, count=missing, rotation=None))
-            owners.append(i)
-    for i, fixed in zip(owners, solve_batch(leftovers, table), strict=True):
-        was = merged[i]
-        merged[i] = Solution(
-            table.ids,
+    for i, found in pieces.items():
+        # in shard order, whatever order they came in
+        parts = [p for _, p in sorted(found, key=_by_shard)]
+        where = np.concatenate([p.where for p in parts])
+        take = np.concatenate([p.take for p in parts])
+        whole = Solution(ids, where, take, classes[i].count - int(take.sum()), "", pieces=parts)
+        merged[i] = whole
+        _record(table, classes[i].service, whole)
+        if whole.unplaced:
+            short.append(i)
+    out: list[Solution] = []
+    for i, solution in enumerate(merged):
+        if solution is None:
+            raise ValueError(f"no shard answered for class {i} ({classes[i].service})")
+        out.append(solution)
+    short.sort()
+    leftovers = [replace(classes[i], count=out[i].unplaced, rotation=None) for i in short]
+    for i, fixed in zip(short, solve_batch(leftovers, table), strict=True):
+        was = out[i]
+        out[i] = Solution(
+            ids,
             np.concatenate([was.where, fixed.where]),
             np.concatenate([was.take, fixed.take]),
             fixed.unplaced,
             _whole(fixed.reason, classes[i].count, fixed.unplaced),
             pieces=[*(was.pieces or [_alone(was)]), fixed],
         )
-    return merged
+    return out
 
 
 def _by_shard(item: tuple[int, Solution]) -> int:
@@ -356,6 +372,8 @@ def _by_shard(item: tuple[int, Solution]) -> int:
 
 def _record(table: NodeTable, service: str, placed: Solution) -> None:
     """Say in `table` whose replicas a shard booked."""
+    if not len(placed.where):
+        return
     found = table.placed.get(service)
     table.placed[service] = (
         (placed.where, placed.take)
