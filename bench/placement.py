@@ -334,19 +334,29 @@ def median_run(
     return statistics.median(times), times, table, solutions
 
 
-def pure_phase(
-    args: argparse.Namespace, cluster: list[NodeView], classes: list[ClassRequest], label: str
+def measured(
+    args: argparse.Namespace,
+    cluster: list[NodeView],
+    solver: Callable[[list[ClassRequest], NodeTable], list[Solution]],
+    classes: list[ClassRequest],
+    name: str,
 ) -> tuple[float, float, int, int]:
-    """rate, seconds, skew, unplaced of the one-process solver"""
-    took, times, table, solutions = median_run(args.repeat, cluster, solve_batch, classes)
+    """rate, median seconds, skew, unplaced of a solver, printed under `name`"""
+    took, times, table, solutions = median_run(args.repeat, cluster, solver, classes)
     rate = placed(solutions) / took
     skew = zone_skew(table, classes, solutions)
     unplaced = sum(s.unplaced for s in solutions)
     say(
-        f"  pure solver{label}: median {took:.2f}s of {', '.join(f'{t:.2f}' for t in times)}; "
+        f"  {name}: median {took:.2f}s of {', '.join(f'{t:.2f}' for t in times)}; "
         f"{rate:,.0f}/s, unplaced {unplaced:,}, skew {skew}"
     )
     return rate, took, skew, unplaced
+
+
+def pure_phase(
+    args: argparse.Namespace, cluster: list[NodeView], classes: list[ClassRequest], label: str
+) -> tuple[float, float, int, int]:
+    return measured(args, cluster, solve_batch, classes, f"pure solver{label}")
 
 
 def throughput(args: argparse.Namespace, report: Report) -> None:
@@ -477,15 +487,8 @@ def ray_phase(
     t0 = time.perf_counter()
     executor.solve_now(classes[:2], NodeTable.build(cluster))  # ray.init (once) and a warm-up
     start = time.perf_counter() - t0
-    took, times, table, solutions = median_run(
-        args.repeat, cluster, executor.solve_now, classes
-    )
-    rate = placed(solutions) / took
-    skew = zone_skew(table, classes, solutions)
-    unplaced = sum(s.unplaced for s in solutions)
-    say(
-        f"  ray{label}: start {start:.1f}s, median {took:.2f}s of "
-        f"{', '.join(f'{t:.2f}' for t in times)}; {rate:,.0f}/s, unplaced {unplaced}, skew {skew}"
+    rate, took, skew, unplaced = measured(
+        args, cluster, executor.solve_now, classes, f"ray{label} (start {start:.1f}s)"
     )
     report.rows.append(
         Row(
