@@ -402,10 +402,11 @@ class Dealt:
     node are adjacent)."""
 
     kind: str
-    nodes: Index
-    """(services, count): node positions"""
-    rooms: Ints
-    """(services, count): what the node had room for when the replica came to it"""
+    nodes: npt.NDArray[np.int32]
+    """(services, count): node positions (32 bits: half the bytes for Ray to move)"""
+    rooms: npt.NDArray[np.int32]
+    """(services, count): what the node had room for when the replica came to it (at most
+    UNLIMITED, which fits)"""
     spread_by: str | None = None
     codes: npt.NDArray[np.int32] | None = None
     """spread_by: (services, count), each node's label code"""
@@ -418,7 +419,8 @@ class Dealt:
     def solutions(self, ids: list[str], positions: Index | None = None) -> list[Solution]:
         """One solution per service, in row order; `positions` maps the rows' node
         positions to the table of `ids` (a Ray shard's to the whole table)."""
-        nodes = self.nodes if positions is None else positions[self.nodes]
+        nodes = self.nodes.astype(np.intp) if positions is None else positions[self.nodes]
+        rooms = self.rooms.astype(np.int64)
         size, count = nodes.shape
         ones = np.ones(count, dtype=np.int64)
         repeated = np.zeros(size, dtype=bool)
@@ -433,7 +435,7 @@ class Dealt:
         kind, spread_by, values = self.kind, self.spread_by, self.values
         out = []
         for where, room, code, full, domain, twice in zip(
-            list(nodes), list(self.rooms), codes, share, domains, repeated.tolist(), strict=True
+            list(nodes), list(rooms), codes, share, domains, repeated.tolist(), strict=True
         ):
             why = Why(kind, ones, room, spread_by, code, values, domain, full)
             if twice:
@@ -498,20 +500,21 @@ def _place_group(group: Group, table: NodeTable) -> Dealt | None:
         room = np.minimum(room, resources - on_node)
     if first.max_per_node is not None:
         room = np.minimum(room, first.max_per_node)
+    rows = np.ascontiguousarray(nodes.reshape(first.count, size).T)
     dealt = Dealt(
         first.strategy if first.strategy == "binpack" else "spread",
-        np.ascontiguousarray(nodes.reshape(first.count, size).T),
-        np.ascontiguousarray(room.reshape(first.count, size).T),
+        rows.astype(np.int32),
+        np.ascontiguousarray(room.reshape(first.count, size).T).astype(np.int32),
     )
     if first.strategy == "binpack":
-        share = np.zeros(dealt.nodes.shape)
+        share = np.zeros(rows.shape)
         for col in cols:
-            cap = np.maximum(table.capacity[col][dealt.nodes], 1e-12)
-            share = np.maximum(share, table.allocated[col][dealt.nodes] / cap)
+            cap = np.maximum(table.capacity[col][rows], 1e-12)
+            share = np.maximum(share, table.allocated[col][rows] / cap)
         dealt.share = share
     elif first.spread_by is not None:
         key = first.spread_by
-        codes = table.domains(key)[dealt.nodes]
+        codes = table.domains(key)[rows]
         width = len(table.vocab.get(key, {})) + 1  # column 0 counts the unlabelled
         flat = ((codes + 1) + width * np.arange(size)[:, None]).ravel()
         per_domain = np.bincount(flat, minlength=size * width).reshape(size, width)
@@ -519,7 +522,7 @@ def _place_group(group: Group, table: NodeTable) -> Dealt | None:
         dealt.per_domain = per_domain[:, 1:]
     ones = np.ones(first.count, dtype=np.int64)
     for s, name in enumerate(group.services):
-        table.placed[name] = (dealt.nodes[s], ones)  # repeats summed by `counts`
+        table.placed[name] = (rows[s], ones)  # repeats summed by `counts`
     return dealt
 
 
