@@ -436,3 +436,27 @@ def test_room_for_marks_ruled_out_nodes() -> None:
     assert list(room_for(request, table, table.counts("w"))) == [4, 4, 0]
     picky = ClassRequest(count=1, service="w", resources={"cpu": 1.0}, node_selector={"pool": "x"})
     assert list(room_for(picky, table, table.counts("w"))) == [4, -1, -1]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_water_fill_matches_one_replica_at_a_time(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.randint(1, 80)
+    counts = np.array(
+        [rng.choice([0, 0, 1, 3, rng.randint(0, 60)]) for _ in range(n)], dtype=np.int64
+    )
+    slots = np.array(
+        [rng.choice([0, 1, 2, 5, rng.randint(0, 200)]) for _ in range(n)], dtype=np.int64
+    )
+    key = np.array([rng.random() for _ in range(n)])
+    k = rng.randint(0, int(slots.sum()) + 5)
+    take = water_fill(counts, slots, k, key)
+    # the reference: one replica at a time to the lowest count with room, then the lowest key
+    ref = np.zeros(n, dtype=np.int64)
+    for _ in range(min(k, int(slots.sum()))):
+        room = [i for i in range(n) if ref[i] < slots[i]]
+        best = min(room, key=lambda i: (counts[i] + ref[i], key[i], i))
+        ref[best] += 1
+    assert int(take.sum()) == int(ref.sum())
+    assert take.tolist() == ref.tolist()
+    assert (take <= slots).all()
