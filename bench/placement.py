@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -434,9 +435,7 @@ def throughput(args: argparse.Namespace, report: Report) -> None:
         executor = Sharded(above=0, shards=args.shards, num_cpus=args.ray_cpus)
         try:
             ray_phase(args, report, executor, cluster, classes, pure_rate, base_rate, "")
-            ray_phase(
-                args, report, executor, cluster, unlike, rate, base_rate, ", distinct shapes"
-            )
+            ray_phase(args, report, executor, cluster, unlike, rate, base_rate, ", distinct shapes")
         finally:
             asyncio.run(executor.close())
 
@@ -782,7 +781,32 @@ async def end_to_end(args: argparse.Namespace, report: Any, script: str) -> None
         await host.__aexit__(None, None, None)
         await nc.drain()
         await asyncio.to_thread(server.stop)
+        said = server_warnings(Path(tmp) / "nats-server.log")
+        report.notes.append(
+            "e2e: nats-server logged "
+            + (
+                "; ".join(f"{n} x {text}" for text, n in said.most_common(6))
+                if said
+                else "no warning or error"
+            )
+        )
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def server_warnings(log: Path) -> Counter[str]:
+    """nats-server's warnings and errors (slow consumers, write deadlines, closed
+    connections), numbers blanked so that alike lines count together."""
+    found: Counter[str] = Counter()
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        for level in ("[WRN]", "[ERR]"):
+            if level in line:
+                text = line.split(level, 1)[1].strip()
+                found[f"{level} {re.sub(r'[0-9]+', 'N', text)[:160]}"] += 1
+    return found
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
