@@ -15,12 +15,15 @@ import pytest
 from corral.schemas.spec import Affinity, Preference
 from corral.workers.scheduler.placement import (
     ClassRequest,
+    Group,
     NodeTable,
     NodeView,
     Solution,
     collection_paused,
     identical_groups,
+    solutions_of,
     solve_batch,
+    solve_units,
 )
 
 GiB = float(2**30)
@@ -272,3 +275,14 @@ def test_the_collector_is_paused_while_placing_and_restored_after() -> None:
         assert not gc.isenabled()  # it was off before: it stays off
     finally:
         gc.enable()
+
+
+def test_a_group_of_one_places_as_its_service_alone() -> None:
+    nodes = zoned(9)
+    template = ClassRequest(count=7, service="only", resources={"cpu": 1.0}, spread_by="zone")
+    (placed,) = solve_units([Group(template, ["only"])], NodeTable.build(nodes))
+    assert not isinstance(placed, list)
+    (grouped,) = solutions_of(placed, [n.id for n in nodes])
+    (alone,) = solve_batch([template], NodeTable.build(nodes))
+    assert grouped.per_node == alone.per_node
+    assert grouped.why == alone.why
