@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -395,6 +396,22 @@ def identical_groups(requests: Sequence[ClassRequest], table: NodeTable) -> dict
     return {g[0]: g for g in by_shape.values() if len(g) >= GROUP_AT_LEAST}
 
 
+Narrow = npt.NDArray[np.signedinteger[Any]]
+
+
+def narrow(values: npt.NDArray[np.signedinteger[Any]]) -> Narrow:
+    """The same integers in the fewest bytes that hold them (8, 16 or 32 bits; 64 if need
+    be): what a Ray shard sends back is mostly these blocks."""
+    if values.size == 0:
+        return values.astype(np.int8)
+    low, high = int(values.min()), int(values.max())
+    for kind in (np.int8, np.int16, np.int32):
+        info = np.iinfo(kind)
+        if info.min <= low and high <= info.max:
+            return values.astype(kind)
+    return values.astype(np.int64)
+
+
 @dataclass(eq=False)
 class Dealt:
     """Where a group of same-shape new services went: row s of each block is service s's
@@ -402,13 +419,12 @@ class Dealt:
     node are adjacent)."""
 
     kind: str
-    nodes: npt.NDArray[np.int32]
-    """(services, count): node positions (32 bits: half the bytes for Ray to move)"""
-    rooms: npt.NDArray[np.int32]
-    """(services, count): what the node had room for when the replica came to it (at most
-    UNLIMITED, which fits)"""
+    nodes: Narrow
+    """(services, count): node positions"""
+    rooms: Narrow
+    """(services, count): what the node had room for when the replica came to it"""
     spread_by: str | None = None
-    codes: npt.NDArray[np.int32] | None = None
+    codes: Narrow | None = None
     """spread_by: (services, count), each node's label code"""
     values: dict[str, int] = field(default_factory=dict)
     per_domain: Ints | None = None
@@ -421,6 +437,7 @@ class Dealt:
         positions to the table of `ids` (a Ray shard's to the whole table)."""
         nodes = self.nodes.astype(np.intp) if positions is None else positions[self.nodes]
         rooms = self.rooms.astype(np.int64)
+        coded = None if self.codes is None else self.codes.astype(np.int32)
         size, count = nodes.shape
         ones = np.ones(count, dtype=np.int64)
         repeated = np.zeros(size, dtype=bool)
@@ -430,7 +447,7 @@ class Dealt:
         if self.per_domain is not None:
             domains = [{c: n for c, n in enumerate(row) if n} for row in self.per_domain.tolist()]
         nothing: list[None] = [None] * size
-        codes = nothing if self.codes is None else list(self.codes)
+        codes = nothing if coded is None else list(coded)
         share = nothing if self.share is None else list(self.share)
         kind, spread_by, values = self.kind, self.spread_by, self.values
         out = []
@@ -503,8 +520,8 @@ def _place_group(group: Group, table: NodeTable) -> Dealt | None:
     rows = np.ascontiguousarray(nodes.reshape(first.count, size).T)
     dealt = Dealt(
         first.strategy if first.strategy == "binpack" else "spread",
-        rows.astype(np.int32),
-        np.ascontiguousarray(room.reshape(first.count, size).T).astype(np.int32),
+        narrow(rows),
+        narrow(np.ascontiguousarray(room.reshape(first.count, size).T)),
     )
     if first.strategy == "binpack":
         share = np.zeros(rows.shape)
@@ -518,7 +535,7 @@ def _place_group(group: Group, table: NodeTable) -> Dealt | None:
         width = len(table.vocab.get(key, {})) + 1  # column 0 counts the unlabelled
         flat = ((codes + 1) + width * np.arange(size)[:, None]).ravel()
         per_domain = np.bincount(flat, minlength=size * width).reshape(size, width)
-        dealt.spread_by, dealt.codes, dealt.values = key, codes, table.vocab.get(key, {})
+        dealt.spread_by, dealt.codes, dealt.values = key, narrow(codes), table.vocab.get(key, {})
         dealt.per_domain = per_domain[:, 1:]
     ones = np.ones(first.count, dtype=np.int64)
     for s, name in enumerate(group.services):
