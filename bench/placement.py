@@ -316,58 +316,71 @@ def shapes(classes: list[ClassRequest], cluster: list[NodeView]) -> int:
     return len(groups) + len(classes) - grouped
 
 
-def median_run(
-    repeat: int,
-    cluster: list[NodeView],
-    solver: Callable[[list[ClassRequest], NodeTable], list[Solution]],
-    classes: list[ClassRequest],
-) -> tuple[float, list[float], NodeTable, list[Solution]]:
-    """The median time of `repeat` runs after one run not timed (both solvers warm up the
-    same way: first-use costs, Ray's workers importing Corral), each on a fresh table built
-    outside the clock; all the times; and the last run's table and solutions."""
-    solver(classes, NodeTable.build(cluster))
-    times = []
-    for _ in range(repeat):
-        table = NodeTable.build(cluster)
-        t0 = time.perf_counter()
-        solutions = solver(classes, table)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, table, solutions
+Solver = Callable[[list[ClassRequest], NodeTable], list[Solution]]
 
 
-def measured(
-    args: argparse.Namespace,
-    cluster: list[NodeView],
-    solver: Callable[[list[ClassRequest], NodeTable], list[Solution]],
-    classes: list[ClassRequest],
-    name: str,
-) -> tuple[float, float, int, int]:
-    """rate, median seconds, skew, unplaced of a solver, printed under `name`"""
-    took, times, table, solutions = median_run(args.repeat, cluster, solver, classes)
-    rate = placed(solutions) / took
-    skew = zone_skew(table, classes, solutions)
-    unplaced = sum(s.unplaced for s in solutions)
+@dataclass
+class Timed:
+    """One solver's runs on a batch."""
+
+    times: list[float]
+    table: NodeTable
+    """the last run's table and solutions"""
+    solutions: list[Solution]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def rate(self) -> float:
+        return placed(self.solutions) / self.median
+
+
+def interleaved(
+    repeat: int, cluster: list[NodeView], solvers: dict[str, Solver], classes: list[ClassRequest]
+) -> dict[str, Timed]:
+    """Each solver once untimed (first-use costs, Ray's workers importing Corral), then
+    `repeat` rounds in which every solver runs once, on a fresh table built outside the
+    clock, the order reversed every other round: the machine's drifts in speed (it is shared
+    and noisy) fall on all of them alike."""
+    for solver in solvers.values():
+        solver(classes, NodeTable.build(cluster))
+    out: dict[str, Timed] = {}
+    names = list(solvers)
+    for round_ in range(repeat):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            table = NodeTable.build(cluster)
+            t0 = time.perf_counter()
+            solutions = solvers[name](classes, table)
+            took = time.perf_counter() - t0
+            if name in out:
+                out[name].times.append(took)
+                out[name].table, out[name].solutions = table, solutions
+            else:
+                out[name] = Timed([took], table, solutions)
+    return out
+
+
+def told(name: str, timed: Timed, classes: list[ClassRequest]) -> tuple[int, int]:
+    """Print a solver's runs; its skew and unplaced."""
+    skew = zone_skew(timed.table, classes, timed.solutions)
+    unplaced = sum(s.unplaced for s in timed.solutions)
     say(
-        f"  {name}: median {took:.2f}s of {', '.join(f'{t:.2f}' for t in times)}; "
-        f"{rate:,.0f}/s, unplaced {unplaced:,}, skew {skew}"
+        f"  {name}: median {timed.median:.2f}s of {', '.join(f'{t:.2f}' for t in timed.times)}; "
+        f"{timed.rate:,.0f}/s, unplaced {unplaced:,}, skew {skew}"
     )
-    return rate, took, skew, unplaced
-
-
-def pure_phase(
-    args: argparse.Namespace, cluster: list[NodeView], classes: list[ClassRequest], label: str
-) -> tuple[float, float, int, int]:
-    return measured(args, cluster, solve_batch, classes, f"pure solver{label}")
+    return skew, unplaced
 
 
 def throughput(args: argparse.Namespace, report: Report) -> None:
     cluster = nodes(args.nodes)
     classes = services(args.services, args.replicas)
+    unlike = distinct(classes)
     total = sum(c.count for c in classes)
     say(f"throughput: {total:,} replicas ({args.services:,} services) on {args.nodes:,} nodes")
     placements = shapes(classes, cluster)
     say(f"  {placements:,} placements after grouping services of one shape")
-    pure_rate, pure, skew, unplaced = pure_phase(args, cluster, classes, "")
 
     # the baseline, on a subset of services large enough to time
     subset = classes[: args.baseline_services]
@@ -385,27 +398,44 @@ def throughput(args: argparse.Namespace, report: Report) -> None:
     loop_rate = loop_done / loop
     say(f"  per-replica plugin loop: {loop_done:,} in {loop:.2f}s, {loop_rate:,.0f}/s")
 
+    solvers: dict[str, Solver] = {"pure": solve_batch}
+    executor = Sharded(above=0, shards=args.shards, num_cpus=args.ray_cpus)
+    start = 0.0
+    try:
+        if args.ray_cpus > 0:
+            t0 = time.perf_counter()
+            executor.solve_now(classes[:2], NodeTable.build(cluster))  # ray.init, once
+            start = time.perf_counter() - t0
+            say(f"  ray started in {start:.1f}s (not counted)")
+            solvers["ray"] = executor.solve_now
+        grouped = interleaved(args.repeat, cluster, solvers, classes)
+        say(f"  the same with {shapes(unlike, cluster):,} distinct shapes (no groups):")
+        alike = interleaved(args.repeat, cluster, solvers, unlike)
+    finally:
+        asyncio.run(executor.close())
+
+    pure = grouped["pure"]
+    skew, unplaced = told("pure solver", pure, classes)
     report.rows.append(
         Row(
             f"pure solver, one process: {total:,} replicas on {args.nodes:,} nodes "
             f"({args.services:,} services in {placements:,} groups and singles)",
-            f"{pure_rate:,.0f} placements/s ({pure:.2f} s)",
+            f"{pure.rate:,.0f} placements/s ({pure.median:.2f} s)",
             f"per replica, NumPy filter+score: {base_rate:,.0f}/s ({base_done:,} replicas)",
             f">= {THROUGHPUT_GOAL:,.0f}/s and >= {SPEEDUP_GOAL:.0f}x",
-            f"{verdict(pure_rate >= THROUGHPUT_GOAL)}; {pure_rate / base_rate:,.0f}x "
-            f"({verdict(pure_rate / base_rate >= SPEEDUP_GOAL)})",
+            f"{verdict(pure.rate >= THROUGHPUT_GOAL)}; {pure.rate / base_rate:,.0f}x "
+            f"({verdict(pure.rate / base_rate >= SPEEDUP_GOAL)})",
         )
     )
     report.rows.append(
         Row(
             "same, against a per-replica plugin loop (every filter and score on every node)",
-            f"{pure_rate:,.0f} placements/s",
+            f"{pure.rate:,.0f} placements/s",
             f"per replica, plugin loop: {loop_rate:,.1f}/s ({loop_done:,} replicas)",
             f">= {SPEEDUP_GOAL:.0f}x",
-            f"{pure_rate / loop_rate:,.0f}x ({verdict(pure_rate / loop_rate >= SPEEDUP_GOAL)})",
+            f"{pure.rate / loop_rate:,.0f}x ({verdict(pure.rate / loop_rate >= SPEEDUP_GOAL)})",
         )
     )
-    args.loop_rate = loop_rate
     report.rows.append(
         Row(
             "spread: largest zone skew of any spread_by service (pure)",
@@ -415,29 +445,25 @@ def throughput(args: argparse.Namespace, report: Report) -> None:
             verdict(skew <= 1),
         )
     )
+    if "ray" in grouped:
+        ray_rows(args, report, grouped, classes, base_rate, loop_rate, start, "")
 
     # the worst case for grouping: every service a shape of its own
-    unlike = distinct(classes)
-    say(f"  the same with {shapes(unlike, cluster):,} distinct shapes (no groups):")
-    rate, took, skew, unplaced = pure_phase(args, cluster, unlike, ", distinct shapes")
+    pure = alike["pure"]
+    skew, unplaced = told("pure solver, distinct shapes", pure, unlike)
     report.rows.append(
         Row(
             "pure solver, the same batch with every service's shape distinct (no groups)",
-            f"{rate:,.0f} placements/s ({took:.2f} s)",
+            f"{pure.rate:,.0f} placements/s ({pure.median:.2f} s)",
             f"per replica, NumPy: {base_rate:,.0f}/s; plugin loop: {loop_rate:,.1f}/s",
             f">= {THROUGHPUT_GOAL:,.0f}/s",
-            f"{verdict(rate >= THROUGHPUT_GOAL)}; {rate / base_rate:,.0f}x NumPy "
-            f"({verdict(rate / base_rate >= SPEEDUP_GOAL)}), {rate / loop_rate:,.0f}x loop; "
-            f"skew {skew}, unplaced {unplaced:,}",
+            f"{verdict(pure.rate >= THROUGHPUT_GOAL)}; {pure.rate / base_rate:,.0f}x NumPy "
+            f"({verdict(pure.rate / base_rate >= SPEEDUP_GOAL)}), "
+            f"{pure.rate / loop_rate:,.0f}x loop; skew {skew}, unplaced {unplaced:,}",
         )
     )
-    if args.ray_cpus > 0:
-        executor = Sharded(above=0, shards=args.shards, num_cpus=args.ray_cpus)
-        try:
-            ray_phase(args, report, executor, cluster, classes, pure_rate, base_rate, "")
-            ray_phase(args, report, executor, cluster, unlike, rate, base_rate, ", distinct shapes")
-        finally:
-            asyncio.run(executor.close())
+    if "ray" in alike:
+        ray_rows(args, report, alike, unlike, base_rate, loop_rate, start, ", distinct shapes")
 
     # binpack
     packs = services(args.binpack_services, args.replicas, seed=5, strategy="binpack")
@@ -473,33 +499,30 @@ def throughput(args: argparse.Namespace, report: Report) -> None:
     )
 
 
-def ray_phase(
+def ray_rows(
     args: argparse.Namespace,
     report: Report,
-    executor: Sharded,
-    cluster: list[NodeView],
+    runs: dict[str, Timed],
     classes: list[ClassRequest],
-    pure_rate: float,
     base_rate: float,
+    loop_rate: float,
+    start: float,
     label: str,
 ) -> None:
-    t0 = time.perf_counter()
-    executor.solve_now(classes[:2], NodeTable.build(cluster))  # ray.init (once) and a warm-up
-    start = time.perf_counter() - t0
-    rate, took, skew, unplaced = measured(
-        args, cluster, executor.solve_now, classes, f"ray{label} (start {start:.1f}s)"
-    )
+    ray, pure = runs["ray"], runs["pure"]
+    skew, unplaced = told(f"ray{label}", ray, classes)
     report.rows.append(
         Row(
             f"Ray-sharded ({args.shards or args.ray_cpus} shards, local Ray, {args.ray_cpus} "
-            f"CPUs){label}",
-            f"{rate:,.0f} placements/s ({took:.2f} s; Ray start {start:.1f} s, not counted)",
-            f"one process: {pure_rate:,.0f}/s",
+            f"CPUs){label}, runs interleaved with one process's",
+            f"{ray.rate:,.0f} placements/s ({ray.median:.2f} s; Ray start {start:.1f} s, not "
+            "counted)",
+            f"one process: {pure.rate:,.0f}/s ({pure.median:.2f} s)",
             "faster than one process; >= 100x per replica",
-            f"{verdict(rate > pure_rate)} ({rate / pure_rate:.2f}x); {rate / base_rate:,.0f}x "
-            f"NumPy per replica ({verdict(rate / base_rate >= SPEEDUP_GOAL)}), "
-            f"{rate / args.loop_rate:,.0f}x plugin loop "
-            f"({verdict(rate / args.loop_rate >= SPEEDUP_GOAL)})",
+            f"{verdict(ray.rate > pure.rate)} ({ray.rate / pure.rate:.2f}x); "
+            f"{ray.rate / base_rate:,.0f}x NumPy per replica "
+            f"({verdict(ray.rate / base_rate >= SPEEDUP_GOAL)}), {ray.rate / loop_rate:,.0f}x "
+            f"plugin loop ({verdict(ray.rate / loop_rate >= SPEEDUP_GOAL)})",
         )
     )
     report.rows.append(
