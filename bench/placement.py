@@ -338,14 +338,20 @@ class Timed:
 
 
 def interleaved(
-    repeat: int, cluster: list[NodeView], solvers: dict[str, Solver], classes: list[ClassRequest]
+    args: argparse.Namespace,
+    cluster: list[NodeView],
+    solvers: dict[str, Solver],
+    classes: list[ClassRequest],
 ) -> dict[str, Timed]:
-    """Each solver once untimed (first-use costs, Ray's workers importing Corral), then
-    `repeat` rounds in which every solver runs once, on a fresh table built outside the
+    """`--warmup` rounds untimed (first-use costs; Ray's workers import Corral and fault in
+    their shared memory: its first timed runs were 0.19 s where later ones took 0.13), then
+    `--repeat` rounds in which every solver runs once, on a fresh table built outside the
     clock, the order reversed every other round: the machine's drifts in speed (it is shared
     and noisy) fall on all of them alike."""
-    for solver in solvers.values():
-        solver(classes, NodeTable.build(cluster))
+    repeat = args.repeat
+    for _ in range(args.warmup):
+        for solver in solvers.values():
+            solver(classes, NodeTable.build(cluster))
     out: dict[str, Timed] = {}
     names = list(solvers)
     for round_ in range(repeat):
@@ -408,9 +414,9 @@ def throughput(args: argparse.Namespace, report: Report) -> None:
             start = time.perf_counter() - t0
             say(f"  ray started in {start:.1f}s (not counted)")
             solvers["ray"] = executor.solve_now
-        grouped = interleaved(args.repeat, cluster, solvers, classes)
+        grouped = interleaved(args, cluster, solvers, classes)
         say(f"  the same with {shapes(unlike, cluster):,} distinct shapes (no groups):")
-        alike = interleaved(args.repeat, cluster, solvers, unlike)
+        alike = interleaved(args, cluster, solvers, unlike)
     finally:
         asyncio.run(executor.close())
 
@@ -842,7 +848,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--binpack-services", type=int, default=1_000)
     p.add_argument("--ray-cpus", type=int, default=2, help="0: skip the Ray phase")
     p.add_argument("--shards", type=int, default=0, help="0: one per Ray CPU")
-    p.add_argument("--repeat", type=int, default=5, help="solver runs; the median is reported")
+    p.add_argument("--repeat", type=int, default=7, help="timed runs; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs of each solver first")
     p.add_argument("--e2e-services", type=int, default=1_000, help="0: skip the end-to-end phase")
     p.add_argument("--e2e-replicas", type=int, default=100)
     p.add_argument("--e2e-nodes", type=int, default=1_000)
