@@ -2,15 +2,17 @@
 `executors.py` sends `solve_shard` to Ray tasks, one per shard.
 
 - **Split.** Nodes are dealt round-robin into shards after sorting them by the labels the
-  batch spreads by, so every shard holds the same mix of zones (or racks) and of sizes. Each
-  shard gets its share of the replicas: small classes whole (to the shard with the fewest
-  replicas so far, so each shard does half the classes on half the nodes), large ones split
-  into near-equal shares, each with a `rotation` so that the shards' leftover replicas start
-  in different domains: the remainders tile the domains and the class stays within one
-  replica of even, as if one process had placed it.
-- **Merge and repair.** The shards' placements are committed into the whole table; replicas
-  a shard could not fit (its nodes were full, or its share of a selector's nodes was too
-  small) are placed again by the one-process solver over every node.
+  batch spreads by, so every shard holds the same mix of zones (or racks) and of sizes. The
+  batch's groups of same-shape new services are found once, here. Each shard gets its share
+  of the work: small units (a class alone, or a group) whole, to the shard with the least
+  work so far; a large group's services dealt over the shards (each service whole); a large
+  class split into near-equal shares, each with a `rotation` so that the shards' leftover
+  replicas start in different domains: the remainders tile the domains and the class stays
+  within one replica of even, as if one process had placed it.
+- **Merge and repair.** The shards' answers are read as they arrive; their nodes'
+  allocations are copied into the whole table (shards hold disjoint nodes); replicas a shard
+  could not fit (its nodes were full, or its share of a selector's nodes was too small) are
+  placed again by the one-process solver over every node.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def split(table: NodeTable, classes: Sequence[ClassRequest], shards: int) -> lis
     load = [0.0] * shards
     big = SPLIT_ABOVE * sum(c.count for c in classes) / shards
     base: dict[str, int] = {}
+    shared: set[int] = set()
 
     def give(s: int, unit: Unit, own: list[int]) -> None:
         parts[s].append(unit)
@@ -115,6 +118,7 @@ def split(table: NodeTable, classes: Sequence[ClassRequest], shards: int) -> lis
                     give(s, Group(unit.template, unit.services[s::shards]), own[s::shards])
         else:
             c = unit
+            shared.update(own)
             whole, odd = divmod(c.count, shards)
             start = i % shards
             shares = [whole + (1 if (s - start) % shards < odd else 0) for s in range(shards)]
@@ -127,13 +131,7 @@ def split(table: NodeTable, classes: Sequence[ClassRequest], shards: int) -> lis
             if c.spread_by:
                 # the next split class starts where this one stopped: domains fill evenly
                 base[c.spread_by] = offset % domains
-    shared = frozenset(
-        i
-        for own, unit in zip(owners, units, strict=True)
-        for i in own
-        if isinstance(unit, ClassRequest) and _size(unit) > big and shards > 1
-    )
-    return [Shard(rows[s], parts[s], part_owners[s], shared) for s in range(shards)]
+    return [Shard(rows[s], parts[s], part_owners[s], frozenset(shared)) for s in range(shards)]
 
 
 @dataclass(frozen=True)
