@@ -17,6 +17,13 @@ from corral.schemas.placement import PlacementReply, PlacementRequest
 from corral.schemas.spec import Placement
 from corral.services.runner import Host
 from corral.workers.runtime import Context, Worker
+from corral.workers.scheduler.executors import InProcess
+from corral.workers.scheduler.placement import (
+    ClassRequest,
+    NodeTable,
+    Solution,
+    identical_groups,
+)
 from corral.workers.scheduler.worker import SchedulerWorker
 
 pytestmark = pytest.mark.timeout(60)
@@ -157,6 +164,59 @@ async def test_two_schedulers_never_book_the_same_room(settings, bus) -> None:
             assert len(item.value.bookings) == per_node[node]
         assert all(r.reason for r in replies if r.unplaced)
         assert sum(len(s.accounts.booked) for s in schedulers) >= 24
+
+
+class Recording(InProcess):
+    """The in-process executor, keeping every batch it was asked to place."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[ClassRequest], int]] = []
+
+    async def solve(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
+        self.batches.append((classes, len(identical_groups(classes, table))))
+        return await super().solve(classes, table)
+
+
+async def test_services_of_one_shape_asked_together_are_placed_as_a_group(settings, bus) -> None:
+    """Ten new services of one shape asked at once: the scheduler places them as one group
+    and each still gets its own spread over the zones, its own reasons, and its bookings."""
+    recording = Recording()
+    nodes = [fake(f"n{i}", "ab"[i % 2], cpu=8.0) for i in range(6)]
+    async with Host(settings, lambda ctx: [SchedulerWorker(ctx, executor=recording)]) as host:
+        await _heartbeats(host, nodes)
+        scheduler = next(w for w in host.started if isinstance(w, SchedulerWorker))
+        await eventually(lambda: len(scheduler.nodes.items) == 6, what="6 nodes seen")
+
+        async def ask(i: int) -> PlacementReply:
+            request = PlacementRequest(
+                service=f"web{i}",
+                replicas=[f"web{i}-{j}" for j in range(4)],
+                resources={"cpu": 1.0},
+                placement=Placement(spread_by="zone", max_per_node=1),
+            )
+            reply = await bus.nc.request(
+                bus.names.place, request.model_dump_json().encode(), timeout=10
+            )
+            return PlacementReply.model_validate(json.loads(reply.data))
+
+        replies = await asyncio.gather(*(ask(i) for i in range(10)))
+    assert any(groups for _, groups in recording.batches), recording.batches
+    zone = {n["node_id"]: n["labels"]["zone"] for n in nodes}
+    per_node: Counter[str] = Counter()
+    for i, reply in enumerate(replies):
+        assert not reply.error
+        assert not reply.unplaced
+        assert len(reply.placed) == 4
+        nodes_used = [p.node for p in reply.placed]
+        assert len(set(nodes_used)) == 4  # max_per_node=1 for each service
+        assert Counter(zone[n] for n in nodes_used) == {"a": 2, "b": 2}
+        for p in reply.placed:
+            assert p.reason.startswith(f"spread by zone: 2 of this service in zone={zone[p.node]}")
+            assert p.replica.startswith(f"web{i}-")
+        per_node.update(nodes_used)
+    assert max(per_node.values()) <= 8
+    ledgers = await bus.buckets.allocations.items()
+    assert sum(len(item.value.bookings) for item in ledgers.values()) == 40
 
 
 async def test_invalid_request_gets_an_error_reply(settings, bus) -> None:
