@@ -54,13 +54,12 @@ from corral.workers.agent.worker import AgentWorker
 from corral.workers.api.worker import ApiWorker
 from corral.workers.deployer.worker import DeployerWorker
 from corral.workers.runtime import Context, Worker
-from corral.workers.scheduler.executors import Sharded
+from corral.workers.scheduler.executors import Sharded, placements
 from corral.workers.scheduler.placement import (
     ClassRequest,
     NodeTable,
     NodeView,
     Solution,
-    identical_groups,
     solve_batch,
 )
 from corral.workers.scheduler.worker import SchedulerWorker
@@ -311,9 +310,7 @@ def distinct(classes: list[ClassRequest]) -> list[ClassRequest]:
 
 def shapes(classes: list[ClassRequest], cluster: list[NodeView]) -> int:
     """How many separate placements the solver makes: groups, and classes placed alone."""
-    groups = identical_groups(classes, NodeTable.build(cluster))
-    grouped = sum(len(g) for g in groups.values())
-    return len(groups) + len(classes) - grouped
+    return placements(classes, NodeTable.build(cluster))
 
 
 Solver = Callable[[list[ClassRequest], NodeTable], list[Solution]]

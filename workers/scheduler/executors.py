@@ -13,8 +13,10 @@ from corral.workers.scheduler.placement import (
     ClassRequest,
     NodeTable,
     Solution,
-    identical_groups,
+    Unit,
     solve_batch,
+    solve_cut,
+    units_of,
 )
 from corral.workers.scheduler.sharding import (
     Answer,
@@ -62,8 +64,8 @@ of same-shape services count once): fewer take one process less time than Ray's 
 
 def placements(classes: list[ClassRequest], table: NodeTable) -> int:
     """The separate placements a batch needs: each group of same-shape services once."""
-    groups = identical_groups(classes, table)
-    return len(classes) - sum(len(members) - 1 for members in groups.values())
+    units, _ = units_of(classes, table)
+    return len(units)
 
 
 class Sharded:
@@ -115,18 +117,31 @@ class Sharded:
         return self._ensure()
 
     async def solve(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
-        if (
-            sum(c.count for c in classes) <= self.above
-            or placements(classes, table) <= self.placements_above
-        ):
+        if sum(c.count for c in classes) <= self.above:
             return await self.local.solve(classes, table)
-        return await asyncio.to_thread(self.solve_now, classes, table)
+        return await asyncio.to_thread(self._solve_large, classes, table)
+
+    def _solve_large(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
+        """A batch above `above` replicas, cut into units once: in this process when it
+        needs few separate placements, else on Ray."""
+        units, owners = units_of(classes, table)
+        if len(units) <= self.placements_above:
+            return solve_cut(units, owners, table)
+        return self._on_ray(classes, table, (units, owners))
 
     def solve_now(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
         """Solve on Ray, blocking (for benchmarks and threads)."""
+        return self._on_ray(classes, table, units_of(classes, table))
+
+    def _on_ray(
+        self,
+        classes: list[ClassRequest],
+        table: NodeTable,
+        cut: tuple[list[Unit], list[list[int]]],
+    ) -> list[Solution]:
         ray = self._ensure()
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        shards = split(table, classes, shard_count(self.shards, cpus))
+        shards = split(table, classes, shard_count(self.shards, cpus), cut)
         refs = [
             self._task.remote(pickle.dumps((table.shard(s.rows), s.units), protocol=5))
             for s in shards

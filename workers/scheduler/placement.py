@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -46,6 +46,7 @@ __all__ = [
     "Solution",
     "solve",
     "solve_batch",
+    "solve_cut",
     "solve_units",
     "units_of",
 ]
@@ -231,11 +232,26 @@ def solve_batch(requests: Sequence[ClassRequest], table: NodeTable) -> list[Solu
     """Place every class, committing each into `table`; solutions come in request order."""
     with collection_paused():
         units, owners = units_of(requests, table)
-        out: list[Solution | None] = [None] * len(requests)
+        return solve_cut(units, owners, table)
+
+
+def solve_cut(units: Sequence[Unit], owners: list[list[int]], table: NodeTable) -> list[Solution]:
+    """`solve_batch` on a batch already cut into units (`units_of`): solutions in the order
+    of the batch the owners point into."""
+    out: list[Solution | None] = [None] * sum(len(o) for o in owners)
+    with collection_paused():
         for placed, positions in zip(solve_units(units, table), owners, strict=True):
             for i, solution in zip(positions, solutions_of(placed, table.ids), strict=True):
                 out[i] = solution
     return [s for s in out if s is not None]
+
+
+def note_avoids(requests: Iterable[Unit], table: NodeTable) -> None:
+    """Tell the table what each class of a batch avoids (the rule is mutual: the avoided
+    services keep off the avoider's nodes too)."""
+    for r in requests:
+        if isinstance(r, ClassRequest) and r.avoid:
+            table.avoids[r.service] = r.avoid
 
 
 class _Pauses:
@@ -298,9 +314,7 @@ def units_of(
 ) -> tuple[list[Unit], list[list[int]]]:
     """The batch as units: each group where its first member is, every other class alone;
     and, for each unit, the positions of its services in `requests`."""
-    for r in requests:
-        if r.avoid:
-            table.avoids[r.service] = r.avoid
+    note_avoids(requests, table)
     same = identical_groups(requests, table)
     first_of = {j: first for first, members in same.items() for j in members}
     units: list[Unit] = []
@@ -319,9 +333,7 @@ def units_of(
 def solve_units(units: Sequence[Unit], table: NodeTable) -> list[Placed]:
     """Place every unit in batch order (`batch_order`, a group as its whole), committing each
     into `table`; answers come in the order of `units`."""
-    for u in units:
-        if isinstance(u, ClassRequest) and u.avoid:
-            table.avoids[u.service] = u.avoid
+    note_avoids(units, table)
     heads = [u if isinstance(u, ClassRequest) else u.whole() for u in units]
     out: list[Placed | None] = [None] * len(units)
     table.pool = binpack_pool(table, [h for h in heads if h.strategy == "binpack"])
@@ -473,20 +485,14 @@ def _merge_repeats(row: Index, why: Why) -> tuple[Index, Ints, Why]:
     the node after, and the room when the first came."""
     starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
     take = np.diff(np.r_[starts, len(row)]).astype(np.int64)
-    return (
-        row[starts],
-        take,
-        Why(
-            why.kind,
-            take,
-            why.room[starts],
-            why.spread_by,
-            None if why.codes is None else why.codes[starts],
-            why.values,
-            why.domain_after,
-            None if why.share is None else why.share[starts],
-        ),
+    merged = replace(
+        why,
+        after=take,
+        room=why.room[starts],
+        codes=None if why.codes is None else why.codes[starts],
+        share=None if why.share is None else why.share[starts],
     )
+    return row[starts], take, merged
 
 
 def _place_group(group: Group, table: NodeTable) -> Dealt | None:

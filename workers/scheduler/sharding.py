@@ -89,13 +89,18 @@ def _size(unit: Unit) -> int:
     return unit.template.count * len(unit.services)
 
 
-def split(table: NodeTable, classes: Sequence[ClassRequest], shards: int) -> list[Shard]:
+def split(
+    table: NodeTable,
+    classes: Sequence[ClassRequest],
+    shards: int,
+    cut: tuple[list[Unit], list[list[int]]] | None = None,
+) -> list[Shard]:
     """Deal the nodes into shards and give each shard its share of the batch's units (groups
-    of same-shape services, found here once, and classes alone)."""
+    of same-shape services, and classes alone: `cut`, or `units_of` the classes)."""
     shards = max(1, min(shards, len(table)))
     keys = sorted({c.spread_by for c in classes if c.spread_by is not None})
     rows = deal(table, shards, keys)
-    units, owners = units_of(classes, table)
+    units, owners = cut if cut is not None else units_of(classes, table)
     parts: list[list[Unit]] = [[] for _ in range(shards)]
     part_owners: list[list[list[int]]] = [[] for _ in range(shards)]
     load = [0.0] * shards
@@ -153,16 +158,16 @@ class Packed:
     whys: list[tuple[str, str | None, dict[str, int], dict[int, int], list[list[str]]] | None]
     """each solution's reason parts without their arrays: kind, spread_by, the label's
     values, domain counts after, matched preferences"""
-    whole: list[str] | None = None
-    """set by `merge`: the whole table's ids, once positions are mapped to it"""
 
-    def unpack(self, positions: Index | None = None) -> list[Solution]:
-        """The solutions; `positions` maps their node positions to a whole table's (whose
-        ids are then `ids`)."""
+    def unpack(
+        self, positions: Index | None = None, ids: list[str] | None = None
+    ) -> list[Solution]:
+        """The solutions; `positions` maps their node positions to a whole table's, whose
+        node ids are `ids`."""
         out = []
         bounds = self.bounds.tolist()
         where = self.where if positions is None else positions[self.where]
-        ids = self.ids if self.whole is None else self.whole
+        ids = self.ids if ids is None else ids
         for i, why in enumerate(self.whys):
             lo, hi = bounds[i], bounds[i + 1]
             explained = None
@@ -240,20 +245,12 @@ class Answer:
     """the shard's nodes' allocations once it placed everything (resources, nodes)"""
     totals: Ints
 
-    def solutions(self, ids: list[str], positions: Index) -> list[tuple[int, int, Solution]]:
-        """(unit, member, solution) for every service, with node positions mapped to the
-        whole table whose ids are `ids`."""
-        out = self.singles(ids, positions)
-        for k, dealt in self.groups:
-            out.extend((k, m, s) for m, s in enumerate(dealt.solutions(ids, positions)))
-        return out
-
     def singles(self, ids: list[str], positions: Index) -> list[tuple[int, int, Solution]]:
-        """`solutions` of what the shard placed alone"""
-        packed = replace(self.packed, whole=ids)
+        """(unit, member, solution) for what the shard placed alone, with node positions
+        mapped to the whole table whose ids are `ids`."""
         return [
             (k, m, solution)
-            for (k, m), solution in zip(self.alone, packed.unpack(positions), strict=True)
+            for (k, m), solution in zip(self.alone, self.packed.unpack(positions, ids), strict=True)
         ]
 
 
