@@ -316,11 +316,14 @@ def units_of(
     and, for each unit, the positions of its services in `requests`."""
     note_avoids(requests, table)
     same = identical_groups(requests, table)
-    first_of = {j: first for first, members in same.items() for j in members}
+    first_of: list[int | None] = [None] * len(requests)
+    for head, members in same.items():
+        for j in members:
+            first_of[j] = head
     units: list[Unit] = []
     owners: list[list[int]] = []
     for i, r in enumerate(requests):
-        first = first_of.get(i)
+        first = first_of[i]
         if first is None:
             units.append(r)
             owners.append([i])
@@ -371,8 +374,8 @@ def _shape(r: ClassRequest) -> tuple[object, ...]:
     """Everything placement reads of a class except its service's name."""
     return (
         r.count,
-        tuple(sorted(r.resources.items())),
-        tuple(sorted(r.node_selector.items())) if r.node_selector else (),
+        frozenset(r.resources.items()),
+        frozenset(r.node_selector.items()) if r.node_selector else None,
         r.driver,
         tuple((a.key, a.operator, tuple(a.values)) for a in r.node_affinity)
         if r.node_affinity
@@ -389,20 +392,16 @@ def identical_groups(requests: Sequence[ClassRequest], table: NodeTable) -> dict
     table yet) with the same shape, no `avoid` either way, no `prefer` and no shard rotation.
     Keyed by the first member's position in the batch, which is where the group is placed;
     every group has at least GROUP_AT_LEAST members."""
-    avoided = {name for names in table.avoids.values() for name in names}
     named = Counter(r.service for r in requests)
+    # services that are never grouped, whatever their shape
+    kept_out = {name for name, times in named.items() if times > 1}
+    kept_out.update(named.keys() & table.placed.keys())
+    kept_out.update(table.avoids)
+    kept_out.update(name for names in table.avoids.values() for name in names)
+    kept_out.add("")
     by_shape: dict[tuple[object, ...], list[int]] = {}
     for i, r in enumerate(requests):
-        if (
-            r.count <= 0
-            or not r.service
-            or named[r.service] > 1
-            or r.service in table.placed
-            or r.service in table.avoids
-            or r.service in avoided
-            or r.prefer
-            or r.rotation is not None
-        ):
+        if r.count <= 0 or r.service in kept_out or r.prefer or r.rotation is not None:
             continue
         by_shape.setdefault(_shape(r), []).append(i)
     return {g[0]: g for g in by_shape.values() if len(g) >= GROUP_AT_LEAST}

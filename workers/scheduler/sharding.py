@@ -70,17 +70,19 @@ def deal(table: NodeTable, shards: int, keys: Sequence[str]) -> list[Index]:
 
 
 def cost(c: ClassRequest) -> float:
-    """A rough price of placing a class, in units of a plain one: the work per class is
-    mostly fixed (a few dozen array passes), spread_by and prefer add passes per domain and
-    tier, and only very large classes cost by their count."""
-    return 1.0 + (2.0 if c.spread_by else 0.0) + 0.5 * len(c.prefer) + c.count / 1000
+    """A rough price of placing a class, in units of a plain one (about 0.2 ms on the
+    benchmark's machine): the work per class is mostly fixed (a few dozen array passes),
+    spread_by adds passes per domain and prefer per tier, and the rest grows with the
+    replicas handed out. Fitted on measured placements (bench/README, "Seventh pass")."""
+    return 1.0 + (1.5 if c.spread_by else 0.0) + 0.5 * len(c.prefer) + 0.15 * c.count / 1000
 
 
 def unit_cost(unit: Unit) -> float:
-    """A group costs one placement of its whole, and a little for each member dealt."""
+    """A group costs one placement of its whole: dealing its replicas out is per replica,
+    like filling them."""
     if isinstance(unit, ClassRequest):
         return cost(unit)
-    return cost(unit.whole()) + 0.05 * len(unit.services)
+    return cost(unit.whole())
 
 
 def _size(unit: Unit) -> int:
@@ -324,9 +326,13 @@ def _merge(
             _record(table, classes[i].service, piece)
         for k, dealt in answer.groups:
             # a group's members are whole and placed in full
-            for i, piece in zip(shard.owners[k], dealt.solutions(ids, shard.rows), strict=True):
+            group = shard.units[k]
+            assert isinstance(group, Group)
+            solved = dealt.solutions(ids, shard.rows)
+            for i, piece in zip(shard.owners[k], solved, strict=True):
                 merged[i] = piece
-                table.placed[classes[i].service] = (piece.where, piece.take)
+            booked = [(piece.where, piece.take) for piece in solved]
+            table.placed.update(zip(group.services, booked, strict=True))
         # shards hold disjoint nodes: each one's allocations are the whole table's there
         table.allocated[:, shard.rows] = answer.allocated
         table.totals[shard.rows] = answer.totals
