@@ -114,8 +114,9 @@ class Why:
     """spread_by: replicas of the service in each domain it was placed in, afterwards"""
     share: Floats | None = None
     """binpack: the node's dominant share after this placement"""
-    matched: list[list[str]] = field(default_factory=list)
-    """preferences each chosen node meets"""
+    matched: Sequence[Sequence[str]] = ()
+    """preferences each chosen node meets (immutable defaults here and in `Solution`: an
+    empty list per object was two more objects per service for the cycle collector to walk)"""
 
     def render(self, ids: list[str], where: Index) -> list[str]:
         notes = []
@@ -157,7 +158,7 @@ class Solution:
     reason: str
     """why some replicas fit nowhere (empty when all were placed)"""
     explained: Why | None = None
-    pieces: list[Solution] = field(default_factory=list)
+    pieces: Sequence[Solution] = ()
     """a merged solution (Ray shards, then repair) keeps its parts' reasons; `where` is then
     their positions, in order, in the whole table"""
 

@@ -157,7 +157,9 @@ class Packed:
     share: Floats
     unplaced: list[int]
     reasons: list[str]
-    whys: list[tuple[str, str | None, dict[str, int], dict[int, int], list[list[str]]] | None]
+    whys: list[
+        tuple[str, str | None, dict[str, int], dict[int, int], Sequence[Sequence[str]]] | None
+    ]
     """each solution's reason parts without their arrays: kind, spread_by, the label's
     values, domain counts after, matched preferences"""
 
