@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import re
@@ -343,8 +344,8 @@ def interleaved(
     """`--warmup` rounds untimed (first-use costs; Ray's workers import Corral and fault in
     their shared memory: its first timed runs were 0.19 s where later ones took 0.13), then
     `--repeat` rounds in which every solver runs once, on a fresh table built outside the
-    clock, the order reversed every other round: the machine's drifts in speed (it is shared
-    and noisy) fall on all of them alike."""
+    clock and after a full collection, the order reversed every other round: the machine's
+    drifts in speed (it is shared and noisy) fall on all of them alike."""
     repeat = args.repeat
     for _ in range(args.warmup):
         for solver in solvers.values():
@@ -354,6 +355,10 @@ def interleaved(
     for round_ in range(repeat):
         for name in names if round_ % 2 == 0 else names[::-1]:
             table = NodeTable.build(cluster)
+            # each solver starts from a clean heap, outside the clock: a collection the
+            # previous runs' garbage had made due (up to 70 ms here) would otherwise land on
+            # whichever run came next (the solve's own collection stays on the clock)
+            gc.collect()
             t0 = time.perf_counter()
             solutions = solvers[name](classes, table)
             took = time.perf_counter() - t0
