@@ -237,3 +237,36 @@ async def test_a_large_batch_of_few_shapes_is_solved_in_process() -> None:
     assert executor.used == 0
     assert not executor._started  # Ray was never started
     assert sum(s.placed for s in solutions) == 115
+
+
+class _CountingRay:
+    """Stands in for the Ray module where only `cluster_resources` is read."""
+
+    def __init__(self, cpus: int) -> None:
+        self.cpus = cpus
+        self.asked = 0
+
+    def cluster_resources(self) -> dict[str, float]:
+        self.asked += 1
+        return {"CPU": float(self.cpus)}
+
+
+def test_the_cluster_cpu_count_is_read_again_only_after_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import corral.workers.scheduler.executors as executors
+
+    clock = [100.0]
+    monkeypatch.setattr(executors.time, "monotonic", lambda: clock[0])
+    ray = _CountingRay(2)
+    executor = Sharded(above=0)
+    assert executor._cpus(ray) == 2
+    ray.cpus = 6  # the cluster grew
+    clock[0] += executors.CPUS_EVERY - 1
+    assert executor._cpus(ray) == 2  # not asked again yet
+    assert ray.asked == 1
+    clock[0] += 2
+    assert executor._cpus(ray) == 6
+    assert ray.asked == 2
+    assert Sharded(above=0, shards=3)._cpus(ray) == 3  # a set shard count needs no asking
+    assert ray.asked == 2

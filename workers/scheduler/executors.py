@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -55,6 +56,9 @@ class InProcess:
         return None
 
 
+CPUS_EVERY = 30.0
+"""seconds between two readings of the Ray cluster's CPU count (it sets the shard count)"""
+
 PLACEMENTS_ABOVE = 2_000
 """a batch goes to Ray only when it also needs more separate placements than this (groups
 of same-shape services count once): fewer take one process less time than Ray's fixed costs
@@ -91,6 +95,7 @@ class Sharded:
         self._started = False
         self.used = 0
         """batches sent to Ray so far"""
+        self._cpus_seen: tuple[float, int] | None = None
 
     def _ensure(self) -> Any:
         import ray  # only here: `corral up` must not pay for Ray before a large batch
@@ -110,6 +115,17 @@ class Sharded:
         if self._task is None:
             self._task = ray.remote(solve_pickled)
         return ray
+
+    def _cpus(self, ray: Any) -> int:
+        """The cluster's CPUs, asked again at most every CPUS_EVERY seconds (asking takes a
+        round trip to Ray's control store, about 1 ms of a 0.12 s solve; a cluster that
+        grew or shrank is seen within that time)."""
+        if self.shards > 0:
+            return self.shards
+        now = time.monotonic()
+        if self._cpus_seen is None or now - self._cpus_seen[0] > CPUS_EVERY:
+            self._cpus_seen = (now, int(ray.cluster_resources().get("CPU", 1)))
+        return self._cpus_seen[1]
 
     def ray(self) -> Any:
         """The Ray module, started as for a large batch (lazily; `RAY_ADDRESS` or a local
@@ -140,8 +156,7 @@ class Sharded:
         cut: tuple[list[Unit], list[list[int]]],
     ) -> list[Solution]:
         ray = self._ensure()
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        shards = split(table, classes, shard_count(self.shards, cpus), cut)
+        shards = split(table, classes, shard_count(self.shards, self._cpus(ray)), cut)
         refs = [
             self._task.remote(pickle.dumps((table.shard(s.rows), s.units), protocol=5))
             for s in shards

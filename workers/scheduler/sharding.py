@@ -74,7 +74,11 @@ def cost(c: ClassRequest) -> float:
     benchmark's machine): the work per class is mostly fixed (a few dozen array passes),
     spread_by adds passes per domain and prefer per tier, and the rest grows with the
     replicas handed out. Fitted on measured placements (bench/README, "Seventh pass")."""
-    return 1.0 + (1.5 if c.spread_by else 0.0) + 0.5 * len(c.prefer) + 0.15 * c.count / 1000
+    return _price(c, c.count)
+
+
+def _price(c: ClassRequest, count: int) -> float:
+    return 1.0 + (1.5 if c.spread_by else 0.0) + 0.5 * len(c.prefer) + 0.15 * count / 1000
 
 
 def unit_cost(unit: Unit) -> float:
@@ -82,13 +86,17 @@ def unit_cost(unit: Unit) -> float:
     like filling them."""
     if isinstance(unit, ClassRequest):
         return cost(unit)
-    return cost(unit.whole())
+    return _price(unit.template, _size(unit))
 
 
 def _size(unit: Unit) -> int:
     if isinstance(unit, ClassRequest):
         return unit.count
     return unit.template.count * len(unit.services)
+
+
+def _head(unit: Unit) -> ClassRequest:
+    return unit if isinstance(unit, ClassRequest) else unit.template
 
 
 def split(
@@ -100,13 +108,14 @@ def split(
     """Deal the nodes into shards and give each shard its share of the batch's units (groups
     of same-shape services, and classes alone: `cut`, or `units_of` the classes)."""
     shards = max(1, min(shards, len(table)))
-    keys = sorted({c.spread_by for c in classes if c.spread_by is not None})
-    rows = deal(table, shards, keys)
     units, owners = cut if cut is not None else units_of(classes, table)
+    # a group's members share its template: reading the units reads every class
+    keys = sorted({k for k in (_head(u).spread_by for u in units) if k is not None})
+    rows = deal(table, shards, keys)
     parts: list[list[Unit]] = [[] for _ in range(shards)]
     part_owners: list[list[list[int]]] = [[] for _ in range(shards)]
     load = [0.0] * shards
-    big = SPLIT_ABOVE * sum(c.count for c in classes) / shards
+    big = SPLIT_ABOVE * sum(_size(u) for u in units) / shards
     base: dict[str, int] = {}
     shared: set[int] = set()
 
