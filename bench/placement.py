@@ -519,6 +519,8 @@ def ray_rows(
 ) -> None:
     ray, pure = runs["ray"], runs["pure"]
     skew, unplaced = told(f"ray{label}", ray, classes)
+    # each round ran both back to back: how often Ray was the faster of the pair
+    won = sum(r < p for r, p in zip(ray.times, pure.times, strict=True))
     report.rows.append(
         Row(
             f"Ray-sharded ({args.shards or args.ray_cpus} shards, local Ray, {args.ray_cpus} "
@@ -527,7 +529,8 @@ def ray_rows(
             "counted)",
             f"one process: {pure.rate:,.0f}/s ({pure.median:.2f} s)",
             "faster than one process; >= 100x per replica",
-            f"{verdict(ray.rate > pure.rate)} ({ray.rate / pure.rate:.2f}x); "
+            f"{verdict(ray.rate > pure.rate)} ({ray.rate / pure.rate:.2f}x, faster in {won} of "
+            f"{len(ray.times)} rounds); "
             f"{ray.rate / base_rate:,.0f}x NumPy per replica "
             f"({verdict(ray.rate / base_rate >= SPEEDUP_GOAL)}), {ray.rate / loop_rate:,.0f}x "
             f"plugin loop ({verdict(ray.rate / loop_rate >= SPEEDUP_GOAL)})",
