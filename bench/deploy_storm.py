@@ -325,9 +325,7 @@ async def bench_api(url: str, args: argparse.Namespace, report: Report, own_proc
             f"publisher and the accepted-event counter run in this process, {shape}; "
             f"publishing alone took {t_pub:.2f}s of the {elapsed:.2f}s"
         )
-        report.notes.append(
-            f"api ({where}) CPU while timed: {cpu_api}; raw baseline: {cpu_raw}"
-        )
+        report.notes.append(f"api ({where}) CPU while timed: {cpu_api}; raw baseline: {cpu_raw}")
     finally:
         await child.stop()
         if not own_process:

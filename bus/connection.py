@@ -170,9 +170,7 @@ class Bus:
         self._buckets = Buckets(
             services=Bucket(kvs[0], ServiceRecord, self.acks),
             service_status=Bucket(kvs[1], ServiceStatus, self.acks),
-            assignments=Bucket(
-                parts[0], Assignment, self.acks, parts=parts, name=n.assignments
-            ),
+            assignments=Bucket(parts[0], Assignment, self.acks, parts=parts, name=n.assignments),
             replicas=Bucket(kvs[2], ReplicaStatus, self.acks),
             nodes=Bucket(kvs[3], NodeStatus, self.acks),
             health=Bucket(kvs[5], ServiceHealth, self.acks),

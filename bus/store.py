@@ -541,4 +541,3 @@ class SharedMirror(Mirror[T]):
             self._shared.note_written(key, value, revision)
         else:
             super().note_written(key, value, revision)
-

@@ -66,9 +66,7 @@ async def test_the_first_message_on_the_stream_wakes_it_at_once(
             assert await desired(bus, "drowsy") == 0
             sent = time.monotonic()
             await bus.js.publish(subject, b"job")
-            await eventually(
-                lambda: desired_is(bus, "drowsy", 1), within=10, what="woken to 1"
-            )
+            await eventually(lambda: desired_is(bus, "drowsy", 1), within=10, what="woken to 1")
             assert time.monotonic() - sent < 10  # the poll would have taken 60 s
             woken = [json.loads(t) for _, t in seen if '"activated"' in t]
             assert woken
@@ -93,9 +91,7 @@ async def test_the_threshold_holds_until_the_backlog_is_over_it(
                 await bus.js.publish(subject, f"job {i}".encode())
             assert await desired(bus, "patient") == 0
             await bus.js.publish(subject, b"job 3")
-            await eventually(
-                lambda: desired_is(bus, "patient", 1), within=10, what="woken to 1"
-            )
+            await eventually(lambda: desired_is(bus, "patient", 1), within=10, what="woken to 1")
             woken = [json.loads(t) for _, t in seen if '"activated"' in t]
             # it woke on the fourth message, not before: a backlog of 4 over a threshold of 3
             assert "a backlog of 4" in woken[0]["reason"]

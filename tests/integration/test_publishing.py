@@ -47,9 +47,7 @@ async def test_each_failure_is_reported_at_its_index(bus: Bus) -> None:
         batch = pipeline.batch()
         key = f"$KV.{bus.names.services}.web"
         stale = await batch.publish(key, b"{}", {"Nats-Expected-Last-Subject-Sequence": "0"})
-        fresh = await batch.publish(
-            key, b"{}", {"Nats-Expected-Last-Subject-Sequence": str(first)}
-        )
+        fresh = await batch.publish(key, b"{}", {"Nats-Expected-Last-Subject-Sequence": str(first)})
         nowhere = await batch.publish(f"{bus.names.prefix}.no.stream.here", b"{}", {})
         results = await batch.wait(5.0)
         assert isinstance(results[stale], BadRequestError)  # the compare-and-set lost

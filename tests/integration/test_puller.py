@@ -53,7 +53,6 @@ async def test_batches_come_in_order_and_in_full(bus: Bus, queue: tuple[str, str
             await msg.ack()
         assert second[-1].metadata.sequence.stream == 25
 
-
         async def all_acked() -> bool:
             info = await bus.js.consumer_info(stream, "work")
             return info.num_pending == 0 and info.num_ack_pending == 0

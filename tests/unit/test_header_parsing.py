@@ -58,9 +58,34 @@ def test_edge_cases_match() -> None:
 
 
 _PIECES = st.sampled_from(
-    [b"a", b"Z", b"-", b"_", b"0", b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"\x0b", b"\x0c",
-     b"\x1c", b"\x1f", b"\x85", b"\xa0", b"\xc2", b"\xc2\x85", b"\xc2\xa0", b"\xe2\x80",
-     b"\xe2\x80\x83", b"\xff", b"\xe9", b"\xf0\x9f\x98\x80", b"\x00"]
+    [
+        b"a",
+        b"Z",
+        b"-",
+        b"_",
+        b"0",
+        b":",
+        b" ",
+        b"\t",
+        b"\r",
+        b"\n",
+        b"\r\n",
+        b"\x0b",
+        b"\x0c",
+        b"\x1c",
+        b"\x1f",
+        b"\x85",
+        b"\xa0",
+        b"\xc2",
+        b"\xc2\x85",
+        b"\xc2\xa0",
+        b"\xe2\x80",
+        b"\xe2\x80\x83",
+        b"\xff",
+        b"\xe9",
+        b"\xf0\x9f\x98\x80",
+        b"\x00",
+    ]
 )
 
 

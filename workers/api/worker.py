@@ -358,4 +358,3 @@ class ApiWorker:
             correlation=command.id,
             event_id=None if result.duplicate else accepted_id(command.id),
         )
-
