@@ -260,13 +260,13 @@ def test_the_cluster_cpu_count_is_read_again_only_after_a_while(
     monkeypatch.setattr(executors.time, "monotonic", lambda: clock[0])
     ray = _CountingRay(2)
     executor = Sharded(above=0)
-    assert executor._cpus(ray) == 2
+    assert executor._shard_count(ray) == 2
     ray.cpus = 6  # the cluster grew
     clock[0] += executors.CPUS_EVERY - 1
-    assert executor._cpus(ray) == 2  # not asked again yet
+    assert executor._shard_count(ray) == 2  # not asked again yet
     assert ray.asked == 1
     clock[0] += 2
-    assert executor._cpus(ray) == 6
+    assert executor._shard_count(ray) == 6
     assert ray.asked == 2
-    assert Sharded(above=0, shards=3)._cpus(ray) == 3  # a set shard count needs no asking
+    assert Sharded(above=0, shards=3)._shard_count(ray) == 3  # a set shard count needs no asking
     assert ray.asked == 2

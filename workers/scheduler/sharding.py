@@ -298,6 +298,7 @@ def merge(
     return merge_arriving(table, classes, shards, enumerate(answers))
 
 
+@collection_paused()
 def merge_arriving(
     table: NodeTable,
     classes: Sequence[ClassRequest],
@@ -306,16 +307,6 @@ def merge_arriving(
 ) -> list[Solution]:
     """`merge`, reading (shard, answer) pairs in the order the shards finish: each answer's
     solutions are written out while the other shards are still being solved."""
-    with collection_paused():
-        return _merge(table, classes, shards, arrivals)
-
-
-def _merge(
-    table: NodeTable,
-    classes: Sequence[ClassRequest],
-    shards: Sequence[Shard],
-    arrivals: Iterable[tuple[int, Answer]],
-) -> list[Solution]:
     ids = table.ids
     merged: list[Solution | None] = [None] * len(classes)
     pieces: dict[int, list[tuple[int, Solution]]] = {}
@@ -406,7 +397,3 @@ def _whole(reason: str, count: int, unplaced: int) -> str:
         return ""
     _, _, tail = reason.partition(" replicas fit no node: ")
     return f"{unplaced} of {count} replicas fit no node: {tail}" if tail else reason
-
-
-def shard_count(requested: int, cpus: int) -> int:
-    return requested if requested > 0 else max(1, cpus)
