@@ -8,6 +8,7 @@ import asyncio
 import json
 import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from support import acli, command, corral_env, eventually
 
 from corral.schemas.placement import PlacementReply, PlacementRequest
 from corral.schemas.spec import Placement
+from corral.schemas.state import Booking, NodeLedger
 from corral.services.runner import Host
 from corral.workers.runtime import Context, Worker
 from corral.workers.scheduler.executors import InProcess
@@ -217,6 +219,69 @@ async def test_services_of_one_shape_asked_together_are_placed_as_a_group(settin
     assert max(per_node.values()) <= 8
     ledgers = await bus.buckets.allocations.items()
     assert sum(len(item.value.bookings) for item in ledgers.values()) == 40
+
+
+class RivalBooksWhileSolving(InProcess):
+    """The in-process executor, except that once, after solving and before answering, a
+    rival scheduler books all of `node` and this scheduler's watch brings that booking in:
+    what a batch solved in a thread or on Ray meets when two schedulers share a cluster."""
+
+    def __init__(self, bus: Any, node: str, cpu: float) -> None:
+        self.bus = bus
+        self.node = node
+        self.cpu = cpu
+        self.worker: SchedulerWorker | None = None
+        self.rival_revision = 0
+
+    async def solve(self, classes: list[ClassRequest], table: NodeTable) -> list[Solution]:
+        solutions = await super().solve(classes, table)
+        worker = self.worker
+        if self.rival_revision or worker is None:
+            return solutions
+        bucket = self.bus.buckets.allocations
+        rival = Booking(service="rival", resources={"cpu": self.cpu}, at=datetime.now(UTC))
+        current = await bucket.get(self.node)
+        ledger = NodeLedger(
+            node=self.node,
+            bookings={**(current.value.bookings if current else {}), "rival-0": rival},
+        )
+        if current is None:
+            self.rival_revision = await bucket.create(self.node, ledger)
+        else:
+            self.rival_revision = await bucket.update(self.node, ledger, current.revision)
+
+        def heard() -> bool:
+            item = worker.ledgers.items.get(self.node)
+            return item is not None and item.revision >= self.rival_revision
+
+        await eventually(heard, what="the scheduler's watch brings the rival's booking")
+        return solutions
+
+
+async def test_a_booking_heard_of_while_solving_is_never_booked_over(settings, bus) -> None:
+    """The plan is made on the ledgers as they were; a rival's booking that reaches this
+    scheduler while the batch is solved makes the write a conflict (planned again, and
+    refused: the node is full), never a booking on top of room the plan did not count."""
+    executor = RivalBooksWhileSolving(bus, "n0", cpu=2.0)
+    nodes = [fake("n0", "a", cpu=2.0)]
+    async with Host(settings, lambda ctx: [SchedulerWorker(ctx, executor=executor)]) as host:
+        await _heartbeats(host, nodes)
+        scheduler = next(w for w in host.started if isinstance(w, SchedulerWorker))
+        executor.worker = scheduler
+        await eventually(lambda: len(scheduler.nodes.items) == 1, what="n0 seen")
+        request = PlacementRequest(
+            service="web", replicas=["web-0"], resources={"cpu": 1.0}, placement=Placement()
+        )
+        raw = await bus.nc.request(bus.names.place, request.model_dump_json().encode(), timeout=10)
+        reply = PlacementReply.model_validate(json.loads(raw.data))
+        assert executor.rival_revision, "the rival never booked"
+        assert reply.placed == []
+        assert reply.unplaced == ["web-0"]
+        assert "cpu" in reply.reason, reply.reason
+        assert scheduler.conflicts >= 1
+        ledger = await bus.buckets.allocations.get("n0")
+        assert ledger is not None
+        assert set(ledger.value.bookings) == {"rival-0"}
 
 
 async def test_invalid_request_gets_an_error_reply(settings, bus) -> None:

@@ -22,7 +22,7 @@ from corral.workers.scheduler.placement import room_for
 from corral.workers.scheduler.preemption import NodePlan, Preemption, Running, preempt_batch
 
 if TYPE_CHECKING:
-    from corral.workers.scheduler.worker import SchedulerWorker, _Asked
+    from corral.workers.scheduler.worker import Ledgers, SchedulerWorker, _Asked
 
 log = logging.getLogger(__name__)
 ROUNDS = 5
@@ -87,7 +87,7 @@ async def _rounds(worker: SchedulerWorker, batch: list[_Asked]) -> None:
         if lowest is None or lowest >= max(a.request.rules().priority for a in todo):
             return  # nothing runs at a lower priority: the usual case, and cheap to tell
         classes = [(a.asking(), len(a.left)) for a in todo]
-        table = worker.table([a.request.service for a in todo])
+        table, seen = worker.planning([a.request.service for a in todo])
         # only nodes that pass a class's hard rules can hold victims worth reading
         eligible: set[str] = set()
         for request, _ in classes:
@@ -98,11 +98,13 @@ async def _rounds(worker: SchedulerWorker, batch: list[_Asked]) -> None:
         if not running:
             return
         done = preempt_batch(classes, table, running)
-        if not await _book(worker, todo, done):
+        if not await _book(worker, todo, done, seen):
             return
 
 
-async def _book(worker: SchedulerWorker, todo: list[_Asked], done: list[Preemption]) -> bool:
+async def _book(
+    worker: SchedulerWorker, todo: list[_Asked], done: list[Preemption], seen: Ledgers
+) -> bool:
     """Book each node plan on its ledger; True when some node lost a race."""
     now = datetime.now(UTC)
     plans: list[tuple[_Asked, NodePlan, list[str]]] = []
@@ -113,7 +115,13 @@ async def _book(worker: SchedulerWorker, todo: list[_Asked], done: list[Preempti
     made: dict[int, tuple[Booking, bytes]] = {}
     results = await asyncio.gather(
         *(
-            worker._book(plan.node, [(asked, r, plan.note) for r in replicas], now, made)
+            worker._book(
+                plan.node,
+                [(asked, r, plan.note) for r in replicas],
+                now,
+                made,
+                seen.get(plan.node),
+            )
             for asked, plan, replicas in plans
         ),
         return_exceptions=True,

@@ -41,6 +41,8 @@ BOOKING_TTL = 30.0
 """a booking no assignment took up within this long is freed"""
 ROUNDS = 5
 """how many times a batch is planned again after ledger conflicts before giving up"""
+Ledgers = dict[str, Versioned[NodeLedger]]
+"""node -> its ledger, as a plan counted it"""
 
 
 def node_ready(node: NodeStatus, grace: float, now: datetime | None = None) -> bool:
@@ -263,6 +265,13 @@ class SchedulerWorker:
             allocated=allocated, totals=totals, ready=ready, placed=placed, avoids=avoids
         )
 
+    def planning(self, services: list[str]) -> tuple[NodeTable, Ledgers]:
+        """The table to plan `services` on, and the ledgers it counts. A plan's bookings are
+        written over those ledgers, never over newer ones that arrive while it is solved (an
+        await, in a thread or on Ray): a second scheduler's booking read in the meantime
+        would otherwise pass the compare-and-set without having been counted."""
+        return self.table(services), dict(self.ledgers.items)
+
     async def _place_pinned(self, batch: list[_Asked]) -> None:
         """Replicas pinned to a node (a rebalance plan's targets) go there when it still fits,
         booked with compare-and-set like any other; a pin whose node lost a race is checked
@@ -272,7 +281,7 @@ class SchedulerWorker:
             todo = [asked for asked in batch if asked.pins]
             if not todo:
                 return
-            table = self.table([a.request.service for a in todo])
+            table, seen = self.planning([a.request.service for a in todo])
             per_node: dict[str, list[tuple[_Asked, str, str]]] = {}
             for asked in todo:
                 pinned = place_pinned(table, asked.asking(0), list(asked.pins.items()))
@@ -283,7 +292,10 @@ class SchedulerWorker:
                     per_node.setdefault(node, []).append((asked, replica, note))
             made: _Bookings = {}
             results = await asyncio.gather(
-                *(self._book(node, entries, now, made) for node, entries in per_node.items()),
+                *(
+                    self._book(node, entries, now, made, seen.get(node))
+                    for node, entries in per_node.items()
+                ),
                 return_exceptions=True,
             )
             for (node, entries), result in zip(per_node.items(), results, strict=True):
@@ -313,9 +325,9 @@ class SchedulerWorker:
             if not todo:
                 return
             classes = [a.asking() for a in todo]
-            table = self.table([a.request.service for a in todo])
+            table, seen = self.planning([a.request.service for a in todo])
             solutions = await self.executor.solve(classes, table)
-            if not await self._commit(todo, solutions):
+            if not await self._commit(todo, solutions, seen):
                 return
         for asked in batch:
             if asked.left:
@@ -324,7 +336,7 @@ class SchedulerWorker:
                     f"schedulers kept booking the same nodes; will try again"
                 )
 
-    async def _commit(self, todo: list[_Asked], solutions: list[Solution]) -> bool:
+    async def _commit(self, todo: list[_Asked], solutions: list[Solution], seen: Ledgers) -> bool:
         """Book every solution on its nodes' ledgers; True when some node lost a race and
         its replicas need planning again."""
         now = datetime.now(UTC)
@@ -340,7 +352,10 @@ class SchedulerWorker:
             asked.reason = solution.reason
         made: _Bookings = {}
         results = await asyncio.gather(
-            *(self._book(node_id, entries, now, made) for node_id, entries in per_node.items()),
+            *(
+                self._book(node_id, entries, now, made, seen.get(node_id))
+                for node_id, entries in per_node.items()
+            ),
             return_exceptions=True,
         )
         again = False
@@ -363,9 +378,16 @@ class SchedulerWorker:
         entries: list[tuple[_Asked, str, str]],
         now: datetime,
         made: _Bookings,
+        current: Versioned[NodeLedger] | None,
     ) -> bool:
+        """Add the entries to the node's ledger, written over `current` (the ledger the plan
+        counted) with compare-and-set: a ledger that changed since, even one this process
+        has heard of while the batch was solved, makes it a conflict, planned again."""
         bucket = self.ctx.bus.buckets.allocations
-        current = self.ledgers.items.get(node_id)
+        known = self.ledgers.items.get(node_id)
+        if (known.revision if known else 0) != (current.revision if current else 0):
+            # already heard of: no write to lose, no read to refresh
+            raise ConflictError(f"{bucket.name}/{node_id} changed while the batch was solved")
         # the replicas of one request book the same thing: one record (and its JSON) serves
         # them all, on every node of the round (`made`, shared by the round's bookings)
         for a, _, _ in entries:
