@@ -17,6 +17,7 @@ from corral.schemas.spec import ServiceSpec
 from corral.workers.autoscaler import alerts
 from corral.workers.autoscaler.alerts import AlertError, Firing, FiringAlert, parse, propose
 from corral.workers.autoscaler.policy import History, Inputs, Reading, evaluate
+from corral.workers.autoscaler.worker import named_trigger
 
 T0 = datetime(2026, 11, 27, 6, 0, tzinfo=UTC)
 
@@ -381,6 +382,17 @@ def test_alerts_not_known_yet_are_a_missing_metric_that_holds_a_scale_down() -> 
     # a scale-up on the other metric still goes ahead
     up, _ = evaluate(both, state(2, load(2, 300), unknown), seeded, 1000.0)
     assert (up.desired, up.code) == (6, "scale_up")
+
+
+def test_a_trigger_that_names_a_change_wins_over_a_routine_poll() -> None:
+    """A poll, then a resolved alert, before the evaluation runs: the decision names the
+    alert. The first change named is kept; a poll or timer never replaces one."""
+    assert named_trigger(None, "poll") == "poll"
+    assert named_trigger("poll", "alert HighLatency resolved") == "alert HighLatency resolved"
+    assert named_trigger("timer", "sample rps") == "sample rps"
+    assert named_trigger("alert HighLatency resolved", "poll") == "alert HighLatency resolved"
+    assert named_trigger("alert HighLatency firing", "sample rps") == "alert HighLatency firing"
+    assert named_trigger("poll", "timer") == "poll"
 
 
 def test_the_example_spec_reads() -> None:

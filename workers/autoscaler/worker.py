@@ -65,6 +65,17 @@ PENDING_FOR = 3.0
 COLD_START_WITHIN = 600.0
 BUSY_MAX_AGE = 30.0
 SOURCE_TIMEOUT = 2.0
+ROUTINE = frozenset({"poll", "timer"})
+"""triggers that only say an evaluation was due, not what changed"""
+
+
+def named_trigger(held: str | None, new: str) -> str:
+    """The trigger to report for an evaluation woken by `held` and then by `new` before it
+    ran: the first one that names a change (an alert, a sample, the spec...) over a routine
+    poll or timer, so a decision that a resolved alert caused never says only "poll"."""
+    if held is None or (held in ROUTINE and new not in ROUTINE):
+        return new
+    return held
 
 
 @dataclass
@@ -174,7 +185,7 @@ class AutoscalerWorker:
 
     # triggers -----------------------------------------------------------------------------
     def mark(self, service: str, trigger: str) -> None:
-        self._dirty.setdefault(service, trigger)
+        self._dirty[service] = named_trigger(self._dirty.get(service), trigger)
         self._wake.set()
 
     def _mark_later(self, service: str, delay: float) -> None:
