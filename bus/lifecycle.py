@@ -74,3 +74,16 @@ async def unsubscribe_quietly(sub: Any) -> None:
         await sub.unsubscribe()
     except Exception as exc:
         log.debug("unsubscribe: %s", exc)
+
+
+async def on_server(nc: Any) -> None:
+    """Return once the server has read every command this connection queued before the call,
+    a new subscription above all. `flush()` alone does not promise that in nats-py 2.16: its
+    PING goes straight to the socket while earlier commands wait in the queue for the flusher
+    task, so the PONG can come back before the server has read an earlier SUB, and a request
+    sent on another connection at that moment finds no responders (it did, in CI). So the
+    queue is written out first (a private call: there is no public one), then the ping."""
+    write_queue = getattr(nc, "_flush_pending", None)
+    if write_queue is not None:
+        await write_queue(force_flush=True)
+    await nc.flush()

@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
-from corral.bus.lifecycle import Loops
+from corral.bus.lifecycle import Loops, on_server
 from corral.bus.store import Mirror, SharedMirror, Versioned
 from corral.schemas.errors import ConflictError
 from corral.schemas.placement import Eviction, Placed, PlacementReply, PlacementRequest
@@ -119,7 +119,7 @@ class SchedulerWorker:
         self._sub = await self.ctx.bus.nc.subscribe(
             names.place, queue=f"{names.prefix}-scheduler", cb=self._on_request
         )
-        await self.ctx.bus.nc.flush()  # the server has the subscription before we say "started"
+        await on_server(self.ctx.bus.nc)  # the server has the subscription before "started"
         self.loops.spawn(self._batches(), "batches")
         self.loops.spawn(self._sweep(), "sweep")
 
