@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from corral.bus.lifecycle import on_server
 from corral.bus.settings import Settings
 
 CORRAL = str(Path(sys.executable).parent / "corral")
@@ -133,6 +134,7 @@ async def collect(bus: Any, subject: str) -> Collected:
         seen.append((msg.subject, msg.data.decode()))
 
     seen.sub = await bus.nc.subscribe(subject, cb=on_msg)
+    await on_server(bus.nc)  # what other connections publish from now on is seen
     return seen
 
 
