@@ -115,13 +115,7 @@ async def _book(
     made: dict[int, tuple[Booking, bytes]] = {}
     results = await asyncio.gather(
         *(
-            worker._book(
-                plan.node,
-                [(asked, r, plan.note) for r in replicas],
-                now,
-                made,
-                seen.get(plan.node),
-            )
+            worker._book(plan.node, [(asked, r, plan.note) for r in replicas], now, made, seen)
             for asked, plan, replicas in plans
         ),
         return_exceptions=True,

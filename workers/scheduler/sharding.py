@@ -69,24 +69,15 @@ def deal(table: NodeTable, shards: int, keys: Sequence[str]) -> list[Index]:
     return [np.sort(order[s::shards]) for s in range(shards)]
 
 
-def cost(c: ClassRequest) -> float:
-    """A rough price of placing a class, in units of a plain one (about 0.2 ms on the
+def unit_cost(unit: Unit) -> float:
+    """A rough price of placing a unit, in units of a plain class (about 0.2 ms on the
     benchmark's machine): the work per class is mostly fixed (a few dozen array passes),
     spread_by adds passes per domain and prefer per tier, and the rest grows with the
-    replicas handed out. Fitted on measured placements (bench/README, "Seventh pass")."""
-    return _price(c, c.count)
-
-
-def _price(c: ClassRequest, count: int) -> float:
-    return 1.0 + (1.5 if c.spread_by else 0.0) + 0.5 * len(c.prefer) + 0.15 * count / 1000
-
-
-def unit_cost(unit: Unit) -> float:
-    """A group costs one placement of its whole: dealing its replicas out is per replica,
-    like filling them."""
-    if isinstance(unit, ClassRequest):
-        return cost(unit)
-    return _price(unit.template, _size(unit))
+    replicas handed out; a group costs one placement of its whole, its replicas dealt out
+    like any others. Fitted on measured placements (bench/README, "Seventh pass")."""
+    c = _head(unit)
+    spread = 1.5 if c.spread_by else 0.0
+    return 1.0 + spread + 0.5 * len(c.prefer) + 0.15 * _size(unit) / 1000
 
 
 def _size(unit: Unit) -> int:

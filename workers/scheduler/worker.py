@@ -292,10 +292,7 @@ class SchedulerWorker:
                     per_node.setdefault(node, []).append((asked, replica, note))
             made: _Bookings = {}
             results = await asyncio.gather(
-                *(
-                    self._book(node, entries, now, made, seen.get(node))
-                    for node, entries in per_node.items()
-                ),
+                *(self._book(node, entries, now, made, seen) for node, entries in per_node.items()),
                 return_exceptions=True,
             )
             for (node, entries), result in zip(per_node.items(), results, strict=True):
@@ -353,7 +350,7 @@ class SchedulerWorker:
         made: _Bookings = {}
         results = await asyncio.gather(
             *(
-                self._book(node_id, entries, now, made, seen.get(node_id))
+                self._book(node_id, entries, now, made, seen)
                 for node_id, entries in per_node.items()
             ),
             return_exceptions=True,
@@ -378,12 +375,13 @@ class SchedulerWorker:
         entries: list[tuple[_Asked, str, str]],
         now: datetime,
         made: _Bookings,
-        current: Versioned[NodeLedger] | None,
+        seen: Ledgers,
     ) -> bool:
-        """Add the entries to the node's ledger, written over `current` (the ledger the plan
-        counted) with compare-and-set: a ledger that changed since, even one this process
+        """Add the entries to the node's ledger, written over the one the plan counted
+        (`seen`) with compare-and-set: a ledger that changed since, even one this process
         has heard of while the batch was solved, makes it a conflict, planned again."""
         bucket = self.ctx.bus.buckets.allocations
+        current = seen.get(node_id)
         known = self.ledgers.items.get(node_id)
         if (known.revision if known else 0) != (current.revision if current else 0):
             # already heard of: no write to lose, no read to refresh
